@@ -1,0 +1,59 @@
+"""The LIMA recipe as one base config, and the early validation of a config against devices.
+
+`configs/*.py` call `base_config()` and update the model size (and the per-size recipe
+values); every value can be overridden with `--config.key=value`. `validate` runs before
+anything is compiled, so a config that cannot work fails with a message naming the key.
+"""
+
+import ml_collections
+
+from lima_jax.model.config import ModelConfig
+from lima_jax.sharding import resolve_mesh_shape
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # LLaMA-1 architecture defaults; size files set dim/layers/heads/ffn. vocab_size is 32,001:
+    # LLaMA's 32,000 pieces plus LIMA's end-of-turn token (id 32000).
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=32001, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+        norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, vocab_multiple=128,
+        dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
+        attention="xla", residual_dropout=0.2, logits_chunks=4,
+    ))
+
+    # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    return c
+
+
+def set_llama(c: ml_collections.ConfigDict, *, dim, n_layers, n_heads, ffn_dim, n_kv_heads=None, norm_eps=1e-6,
+              max_seq_len=2048, residual_dropout=0.2) -> ml_collections.ConfigDict:
+    """Set one LLaMA size on a base config (the size files are one call to this)."""
+    c.model.update(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads or n_heads, ffn_dim=ffn_dim,
+                   norm_eps=norm_eps, max_seq_len=max_seq_len, residual_dropout=residual_dropout)
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_config(c.model)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> ModelConfig:
+    """Check a config against the devices before compiling; returns the model config.
+
+    Raises ValueError naming the offending config key."""
+    model = model_config(c)
+    ici, dcn = resolve_mesh_shape(c.mesh, num_devices, num_slices)
+    tensor = ici[2] * dcn[2]
+    for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads),
+                       ("model.ffn_dim", model.ffn_dim)):
+        if value % tensor:
+            raise ValueError(f"config.{key}={value} is not divisible by the tensor-parallel size "
+                             f"{tensor} (config.mesh.tensor x config.mesh.dcn_tensor)")
+    if model.padded_vocab_size % tensor:
+        raise ValueError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
+                         f"size {tensor}: raise config.model.vocab_multiple")
+    return model

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Meta `.pth` / Hugging Face safetensors <-> the model's parameters."""

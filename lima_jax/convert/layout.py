@@ -1,0 +1,120 @@
+"""The one map between this model's parameters and Meta / Hugging Face tensor names.
+
+Every converter (Meta reader, HF reader, HF writer) and the parity tests go through this
+table, so the layout is written once. Our layout: `embed` [Vp, D], `lm_head` [D, Vp] (vocab
+padded to a multiple of `vocab_multiple`), per-layer weights stacked on a leading `layers`
+axis, q/k/v as [D, heads, head_dim], `wo` as [heads, head_dim, D], MLP as [in, out].
+
+RoPE: the model rotates halves (HF's convention). Meta checkpoints rotate interleaved pairs,
+so Meta's wq/wk rows are permuted once here, exactly as Hugging Face's own converter does.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from lima_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    path: tuple[str, ...]  # where it lives in our params dict
+    hf: str  # Hugging Face name; `{i}` is the layer index
+    meta: str  # Meta name
+    meta_split_dim: int | None  # dim Meta's model-parallel files split it on; None = replicated
+    to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]  # from HF's [out, in] layout
+    to_hf: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    rope_heads: str | None = None  # "n_heads" / "n_kv_heads" for Meta's q/k permutation
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+def _pad_vocab(w, cfg):
+    rows = cfg.padded_vocab_size - w.shape[0]
+    if rows < 0:
+        raise ValueError(f"checkpoint has {w.shape[0]} vocabulary rows, more than the config's {cfg.padded_vocab_size}")
+    return np.pad(w, ((0, rows), (0, 0))) if rows else w
+
+
+def _heads_in(n):  # HF [n*hd, D] -> ours [D, n, hd]
+    return lambda w, c: w.T.reshape(c.dim, getattr(c, n), c.head_dim)
+
+
+def _heads_out(n):  # ours [D, n, hd] -> HF [n*hd, D]
+    return lambda w, c: w.reshape(c.dim, getattr(c, n) * c.head_dim).T
+
+
+def _transpose(w, c):
+    return w.T
+
+
+def _same(w, c):
+    return w
+
+
+LAYOUT: tuple[Tensor, ...] = (
+    Tensor(("embed",), "model.embed_tokens.weight", "tok_embeddings.weight", 1,
+           lambda w, c: _pad_vocab(w, c), lambda w, c: w[: c.vocab_size]),
+    Tensor(("final_norm", "scale"), "model.norm.weight", "norm.weight", None, _same, _same),
+    Tensor(("lm_head",), "lm_head.weight", "output.weight", 0,
+           lambda w, c: _pad_vocab(w, c).T, lambda w, c: w.T[: c.vocab_size]),
+    Tensor(("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight",
+           "layers.{i}.attention_norm.weight", None, _same, _same),
+    Tensor(("layers", "attn", "wq"), "model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", 0,
+           _heads_in("n_heads"), _heads_out("n_heads"), rope_heads="n_heads"),
+    Tensor(("layers", "attn", "wk"), "model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", 0,
+           _heads_in("n_kv_heads"), _heads_out("n_kv_heads"), rope_heads="n_kv_heads"),
+    Tensor(("layers", "attn", "wv"), "model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", 0,
+           _heads_in("n_kv_heads"), _heads_out("n_kv_heads")),
+    Tensor(("layers", "attn", "wo"), "model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", 1,
+           lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.dim),
+           lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T),
+    Tensor(("layers", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight",
+           "layers.{i}.ffn_norm.weight", None, _same, _same),
+    Tensor(("layers", "mlp", "w1"), "model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", 0,
+           _transpose, _transpose),
+    Tensor(("layers", "mlp", "w3"), "model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", 0,
+           _transpose, _transpose),
+    Tensor(("layers", "mlp", "w2"), "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", 1,
+           _transpose, _transpose),
+)
+
+
+def meta_to_hf_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved-pair rows of wq/wk -> HF's rotate-half rows (per head)."""
+    out_dim, d = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
+
+
+def hf_to_meta_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    out_dim, d = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(state_dict, cfg: ModelConfig, dtype=np.float32) -> dict:
+    """Our params dict from an in-memory HF state dict of numpy arrays (tests, small models).
+
+    The streaming converter uses the same LAYOUT one tensor at a time instead."""
+    params: dict = {}
+    for t in LAYOUT:
+        if t.per_layer:
+            value = np.stack([t.to_ours(np.asarray(state_dict[t.hf.format(i=i)]), cfg) for i in range(cfg.n_layers)])
+        else:
+            value = t.to_ours(np.asarray(state_dict[t.hf]), cfg)
+        set_path(params, t.path, value.astype(dtype))
+    return params

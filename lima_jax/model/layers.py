@@ -1,0 +1,105 @@
+"""The LLaMA building blocks: RMSNorm, rotary embeddings, attention and the SwiGLU MLP.
+
+Weights are stored in `param_dtype` and cast to the compute `dtype` at use; norms, RoPE and
+softmax run in float32. Every parameter carries logical axis names (see lima_jax.sharding).
+
+RoPE uses the "rotate half" layout (Hugging Face's, and MaxText's): pairs are (i, i + d/2),
+not Meta's interleaved (2i, 2i + 1). Halves are contiguous lanes on TPU, interleaved pairs
+are not; Meta checkpoints are permuted once at conversion instead (lima_jax.convert.layout).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lima_jax.model.attention import attend
+from lima_jax.model.config import ModelConfig
+from lima_jax.sharding import constrain
+
+INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+    """A parameter with logical axis names; placement is decided later from the names."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = param(rngs, (cfg.dim,), ("norm",), cfg.weight_dtype, init="ones")
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+    """(sin, cos), each [batch, seq, 1, head_dim / 2] in float32, for integer `positions`."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped-query support (n_kv_heads <= n_heads)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, kv, hd, pd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.weight_dtype
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+
+    def __call__(self, x, rope, mask, cache=None, cache_index=None):
+        """x [B, S, D] -> [B, S, D]; `mask` [B, S, T] is shared by all layers (see Llama).
+
+        With `cache` ((k, v), each [B, T, KV, D]) the S new keys and values are first written
+        at slot `cache_index` [B] of each row, and the queries attend over the whole cache.
+        """
+        dt = self.cfg.compute_dtype
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+        q = constrain(apply_rope(q, *rope), "batch", "length", "act_heads", None)
+        k = constrain(apply_rope(k, *rope), "batch", "length", "act_kv_heads", None)
+        v = constrain(v, "batch", "length", "act_kv_heads", None)
+        if cache is not None:
+            cache = tuple(write_rows(c, new.astype(c.dtype), cache_index) for c, new in zip(cache, (k, v)))
+            k, v = (c.astype(dt) for c in cache)
+        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "length", "act_heads", None)
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), cache
+
+
+def write_rows(buffer, new, index):
+    """buffer [B, T, ...] with new [B, S, ...] written at slot index[b] of each row b."""
+    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=0))(buffer, new, index)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: w2(silu(x w1) * (x w3))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, pd = cfg.dim, cfg.ffn_dim, cfg.weight_dtype
+        self.w1 = param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.w3 = param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.w2 = param(rngs, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x):
+        dt = self.cfg.compute_dtype
+        gate = jnp.einsum("bsd,df->bsf", x, self.w1[...].astype(dt))
+        up = jnp.einsum("bsd,df->bsf", x, self.w3[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
+        return jnp.einsum("bsf,fd->bsd", hidden, self.w2[...].astype(dt))

@@ -1,0 +1,163 @@
+"""The LLaMA decoder: embedding, a scanned stack of blocks, final norm, untied output head.
+
+Why Flax NNX: it is what current Flax recommends for new code, modules are plain Python
+objects (easy to read, like nanoGPT), and `nnx.split` / `nnx.merge` give a pure
+(graphdef, params) pair, so the train step stays a pure function of a dict of arrays that
+Orbax, optax and the converter handle directly. Layers are created with `nnx.vmap`, which
+stacks every block parameter along a leading `layers` axis, and run with `jax.lax.scan`
+under `jax.checkpoint`, so compile time does not grow with depth.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lima_jax.model.config import ModelConfig
+from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables, write_rows
+from lima_jax.sharding import constrain
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # keep the outputs of the weight matmuls, recompute attention and elementwise work
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, rope, mask, dropout_rate, dropout_key, cache=None, cache_index=None):
+        h, cache = self.attn(self.attn_norm(x), rope, mask, cache, cache_index)
+        x = constrain(x + residual_dropout(h, dropout_rate, dropout_key, 0), "batch", "length", "act_embed")
+        h = self.mlp(self.mlp_norm(x))
+        x = constrain(x + residual_dropout(h, dropout_rate, dropout_key, 1), "batch", "length", "act_embed")
+        return x, cache
+
+
+def residual_dropout(x, rate, key, stream: int):
+    """LIMA's dropout on a sublayer's output before the residual add (rate may be traced)."""
+    if key is None:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, stream), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        vp, d, pd = cfg.padded_vocab_size, cfg.dim, cfg.weight_dtype
+        self.embed = param(rngs, (vp, d), ("vocab", "embed"), pd)
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs):
+            return Block(cfg, layer_rngs)
+
+        self.layers = make_layers(rngs.split(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg, rngs)
+        self.lm_head = param(rngs, (d, vp), ("embed", "vocab"), pd)
+
+    def hidden(self, tokens, positions, segment_ids, dropout_key=None, cache=None, cache_index=None):
+        """Final-norm hidden states [B, S, D] (and the updated cache, or None).
+
+        tokens, positions, segment_ids: [B, S] int32. Packed rows restart `positions` at 0 for
+        each example and give each example its own segment id; id 0 marks padding. Tokens
+        attend causally within their own segment only.
+        cache: None for training, else {"k", "v": [L, B, T, KV, D], "segment_ids": [B, T]}
+        with the S new tokens written at slot `cache_index` [B] of each row (see sampling).
+        dropout_key: None for eval (no dropout).
+        """
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, "batch", "length", "act_embed")
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        seq = tokens.shape[1]
+        if cache is None:
+            q_slot = k_slot = jnp.arange(seq)[None, :]
+            k_segments = segment_ids
+            layer_caches = None
+        else:
+            k_segments = write_rows(cache["segment_ids"], segment_ids, cache_index)
+            q_slot = cache_index[:, None] + jnp.arange(seq)
+            k_slot = jnp.arange(k_segments.shape[1])[None, :]
+            layer_caches = (cache["k"], cache["v"])
+        # Causal by slot, and never across packed examples or into padding of another segment.
+        mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (k_segments[:, None, :] == segment_ids[:, :, None])
+
+        n = cfg.n_layers
+        rates = cfg.residual_dropout * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, xs):
+            params, rate, index, layer_cache = xs
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            block = nnx.merge(graphdef, params)
+            return block(x, rope, mask, rate.astype(x.dtype), key, layer_cache, cache_index)
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        xs = (stacked, rates, jnp.arange(n), layer_caches)
+        if cfg.scan_layers:
+            x, new_caches = jax.lax.scan(layer, x, xs)
+        else:  # unrolled: a little faster on CPU for small models, compile time grows with depth
+            outs = []
+            for i in range(n):
+                x, out = layer(x, jax.tree.map(lambda a: a[i], xs))
+                outs.append(out)
+            new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, {"k": new_caches[0], "v": new_caches[1], "segment_ids": k_segments}
+
+    def logits(self, hidden):
+        """[..., D] -> [..., padded vocab] in float32; padding rows of the vocab get -inf-like."""
+        cfg = self.cfg
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+        return logits
+
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+        """Logits for unpacked rows (positions 0.., one segment) unless given; for tests and eval."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key)[0])
+
+
+# ---- the functional view: params are a plain nested dict of arrays -------------------------
+
+@functools.cache
+def _skeleton(cfg: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random parameters (jit this with out_shardings=param_shardings to create them sharded)."""
+    return nnx.to_pure_dict(nnx.split(Llama(cfg, nnx.Rngs(params=key)))[1])
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs of the parameters, without allocating anything."""
+    return nnx.to_pure_dict(_skeleton(cfg)[1])
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """The logical axis names of every parameter, as PartitionSpecs of names."""
+    return nnx.to_pure_dict(nnx.get_partition_spec(_skeleton(cfg)[1]))
+
+
+def bind(cfg: ModelConfig, params: dict) -> Llama:
+    """The module over given parameters (cheap: no copies), to call `.hidden` / `.logits`."""
+    return nnx.merge(_skeleton(cfg)[0], params)

@@ -1,0 +1,1 @@
+"""Training: loss, optimizer and schedule, the train step, the loop, metrics."""

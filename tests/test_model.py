@@ -1,0 +1,106 @@
+"""The model against Hugging Face transformers (independent reference), packing, dropout, sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lima_jax.convert.layout import params_from_hf
+from lima_jax.model import ModelConfig, bind, param_count
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def hf_model(cfg: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    )
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    # HF initialises norms to 1; random norms make the parity test see the norm mapping too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_params(model, cfg):
+    return params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, cfg)
+
+
+MHA = ModelConfig(vocab_size=250, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=160, rope_theta=10000.0)
+GQA = ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=200, norm_eps=1e-5,
+                  rope_theta=500000.0)
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["multi-head", "grouped-query"])
+def test_logits_match_transformers(cfg):
+    model = hf_model(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 37))
+    with torch.no_grad():
+        expected = model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(bind(cfg, hf_params(model, cfg))(jnp.asarray(tokens)))
+    assert ours.shape[-1] == cfg.padded_vocab_size
+    np.testing.assert_array_less(ours[..., cfg.vocab_size:], -1e30)  # padded rows can never win
+    np.testing.assert_allclose(ours[..., : cfg.vocab_size], expected, atol=1e-4, rtol=0)
+
+
+def test_packed_rows_equal_separate_examples():
+    cfg = GQA
+    params = hf_params(hf_model(cfg), cfg)
+    model = bind(cfg, params)
+    rng = np.random.default_rng(1)
+    lengths = [7, 12, 5]
+    examples = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
+    pad = 4
+    tokens = np.concatenate(examples + [np.zeros(pad, int)])[None]
+    segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None]
+    packed = np.asarray(model.logits(model.hidden(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids))[0]))
+    start = 0
+    for example in examples:
+        alone = np.asarray(model(jnp.asarray(example)[None]))
+        np.testing.assert_allclose(packed[0, start:start + len(example)], alone[0], atol=1e-5)
+        start += len(example)
+
+
+def test_residual_dropout_rises_from_zero_and_is_off_without_key():
+    params_cfg = dict(vocab_size=64, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64)
+    tokens = jnp.arange(16)[None] % 64
+    key = jax.random.key(3)
+    one_layer = ModelConfig(n_layers=1, residual_dropout=0.5, **params_cfg)  # only layer: rate 0
+    model = bind(one_layer, hf_params(hf_model(one_layer), one_layer))
+    np.testing.assert_array_equal(model(tokens, dropout_key=key), model(tokens))
+    two_layers = ModelConfig(n_layers=2, residual_dropout=0.5, **params_cfg)
+    model = bind(two_layers, hf_params(hf_model(two_layers), two_layers))
+    assert not np.allclose(model(tokens, dropout_key=key), model(tokens))
+    np.testing.assert_array_equal(model(tokens, dropout_key=key), model(tokens, dropout_key=key))
+
+
+def test_unrolled_layers_equal_scanned():
+    cfg = MHA
+    params = hf_params(hf_model(cfg), cfg)
+    tokens = jnp.arange(20)[None] % cfg.vocab_size
+    unrolled = ModelConfig(**{**cfg.__dict__, "scan_layers": False, "remat_policy": "dots"})
+    np.testing.assert_allclose(bind(unrolled, params)(tokens), bind(cfg, params)(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,published", [("llama7b", 6.7e9), ("llama13b", 13.0e9), ("llama33b", 32.5e9),
+                                            ("llama65b", 65.2e9)])
+def test_param_count_matches_published(name, published):
+    import importlib.util
+    from lima_jax.config import model_config
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = model_config(module.get_config())
+    base = ModelConfig(**{**cfg.__dict__, "vocab_size": 32000})  # the published count is before LIMA's EOT
+    assert abs(param_count(base) - published) / published < 0.006

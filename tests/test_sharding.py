@@ -1,0 +1,86 @@
+"""Sharded loss and gradients equal the single-device result; configs that cannot fit fail early."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from lima_jax.config import base_config, validate
+from lima_jax.model import ModelConfig, init_params, param_logical_axes
+from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
+from lima_jax.train.loss import lm_loss
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+CFG = ModelConfig(vocab_size=250, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_multiple=16,
+                  remat_policy="full")
+
+
+def random_batch(rows=8, seq=32, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, (rows, seq + 1))
+    seg = np.cumsum(rng.random((rows, seq)) < 0.1, axis=1) + 1  # packed-looking rows
+    positions = np.zeros_like(seg)
+    for r in range(rows):
+        for t in range(1, seq):
+            positions[r, t] = 0 if seg[r, t] != seg[r, t - 1] else positions[r, t - 1] + 1
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=positions, segment_ids=seg,
+                loss_weights=(rng.random((rows, seq)) < 0.7).astype(np.float32))
+
+
+def loss_and_grads(params, batch):
+    return jax.value_and_grad(lambda p: lm_loss(CFG, p, batch)[0])(params)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = init_params(CFG, jax.random.key(0))
+    batch = random_batch()
+    device = jax.devices()[0]
+    loss, grads = jax.jit(loss_and_grads)(jax.device_put(params, device), jax.device_put(batch, device))
+    return params, batch, loss, grads
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_sharded_loss_and_grads_equal_single_device(shape, reference):
+    params, batch, ref_loss, ref_grads = reference
+    mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))))
+    p_shard = named_shardings(param_logical_axes(CFG), mesh)
+    b_shard = NamedSharding(mesh, logical_to_spec(("batch", "length")))
+    with jax.set_mesh(mesh):
+        step = jax.jit(loss_and_grads, in_shardings=(p_shard, b_shard), out_shardings=(None, p_shard))
+        loss, grads = step(jax.device_put(params, p_shard), jax.device_put(batch, b_shard))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+
+    wq = grads["layers"]["attn"]["wq"]  # [layers, embed, heads, head_dim]
+    _, fsdp, tensor = shape
+    assert wq.sharding.shard_shape(wq.shape) == (2, 64 // fsdp, 4 // tensor, 16)
+    emb = grads["embed"]
+    assert emb.sharding.shard_shape(emb.shape) == (256 // tensor, 64 // fsdp)
+
+
+def test_mesh_that_does_not_match_devices_names_the_keys():
+    c = base_config()
+    c.mesh.update(data=2, fsdp=2, tensor=1)
+    with pytest.raises(ValueError, match=r"config\.mesh\.data=2.*multiply to 4.*8 devices"):
+        validate(c, 8)
+    c.mesh.update(data=3, fsdp=-1)
+    with pytest.raises(ValueError, match=r"do not divide"):
+        validate(c, 8)
+
+
+def test_heads_not_divisible_by_tensor_names_the_key():
+    c = base_config()
+    c.model.update(n_heads=6, n_kv_heads=6, dim=384)
+    c.mesh.update(fsdp=-1, tensor=4)
+    with pytest.raises(ValueError, match=r"config\.model\.n_heads=6 is not divisible by the tensor-parallel size 4"):
+        validate(c, 8)
+
+
+def test_fill_axis_takes_the_remaining_devices():
+    c = base_config()
+    c.mesh.update(data=2, fsdp=-1, tensor=2)
+    assert make_mesh(c.mesh).shape == {"data": 2, "fsdp": 2, "tensor": 2}
