@@ -26,6 +26,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+
+    # LIMA data: paths may be local or gs://. See lima_jax/data for the batch semantics.
+    c.data = ml_collections.ConfigDict(dict(
+        train_path="", tokenizer_path="", dev_size=50, seq_len=2048,
+        examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models
+        rows_per_step=-1,  # packed [rows, seq_len] rows per step; -1 = derived from examples_per_step
+        worker_count=0,
+    ))
     return c
 
 
