@@ -34,6 +34,27 @@ def base_config() -> ml_collections.ConfigDict:
         rows_per_step=-1,  # packed [rows, seq_len] rows per step; -1 = derived from examples_per_step
         worker_count=0,
     ))
+
+    # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-5, end_learning_rate=1e-6, warmup_steps=0, b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1, grad_clip_norm=1.0,  # clipping: not in the paper; HF Trainer's default
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=15,
+        max_steps=-1,  # > 0 stops early (smoke runs); the schedule still spans the full run
+        grad_accum_steps=1,  # micro-batches per optimizer step (rows_per_step must divide)
+        log_every_steps=1,
+        checkpoint_every_steps=0,  # 0: only at the end of every epoch
+        keep_epochs=(5, 6, 7, 8, 9, 10),  # LIMA chose among epochs 5-10; the latest is kept too
+        async_checkpointing=True,
+        eval_every_epoch=True,  # dev loss / perplexity after each epoch
+        sample_dev_prompts=3,  # answers to this many dev prompts written next to each epoch's checkpoint
+        sample_max_new_tokens=256,
+        compilation_cache_dir="~/.cache/lima_jax/xla",  # persistent; "" disables
+        profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
+    ))
+    c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
     return c
 
 

@@ -1,0 +1,37 @@
+"""Run the LIMA SFT job: python launch/tpu_train.py --config configs/llama65b.py --workdir DIR
+
+On a TPU pod run the same command on every worker (launch/pod_run.sh); `jax.distributed`
+is initialised automatically there. For several CPU/GPU processes pass the coordinator
+flags. Any config value can be overridden: --config.train.epochs=10.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml-collections config file.")
+flags.DEFINE_string("workdir", "workdir/tiny", "Work dir (local or gs://): checkpoints, metrics, config.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU devices
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # TPU pod: everything is discovered from the environment
+
+    from lima_jax.train.loop import train
+
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,201 @@
+"""The LIMA SFT run: mesh, data, state (fresh, converted or resumed), the step loop,
+per-epoch checkpoints with dev loss and sampled dev answers, and clean stops.
+
+Read top to bottom, `train(config, workdir)` is the whole job; each piece it calls lives in
+its own module (model, data, step, optimizer, checkpoint, metrics).
+"""
+
+import json
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lima_jax import checkpoint as ckpt
+from lima_jax import config as config_lib
+from lima_jax import data as data_lib
+from lima_jax.model import abstract_params, flops_per_token, init_params, param_logical_axes
+from lima_jax.sharding import make_mesh, named_shardings, num_slices
+from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from lima_jax.train.step import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(config, workdir) -> TrainState:
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
+    if config.train.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    mesh = make_mesh(config.mesh)
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        log("effective config:\n" + str(config))
+
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps
+    data = data_lib.build(config, batch_multiple=batch_shards)
+    total_steps = data.steps_per_epoch * config.train.epochs
+    log(f"{data.steps_per_epoch} steps per epoch x {config.train.epochs} epochs = {total_steps} steps; "
+        f"{data.rows_per_step} rows x {config.data.seq_len} tokens per step")
+
+    schedule = learning_rate_schedule(config.optimizer, total_steps)
+    optimizer = make_optimizer(config.optimizer, total_steps)
+    param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params(model_cfg))
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params(model_cfg), abstract_opt)
+
+    epoch_ends = [data.steps_per_epoch * e for e in range(1, config.train.epochs + 1)]
+    keep = [data.steps_per_epoch * e for e in config.train.keep_epochs]
+    manager = ckpt.manager(workdir / ckpt.CHECKPOINTS_SUBDIR, keep_steps=keep,
+                           async_save=config.train.async_checkpointing)
+    state = restore_or_init(config, model_cfg, manager, data, abstract_state, state_shardings, optimizer)
+    start = int(state.step)
+
+    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
+                         in_shardings=(state_shardings, data.batch_sharding(mesh), replicated),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(param_shardings, data.batch_sharding(mesh)))
+    dropout_key = jax.random.key(config.seed + 1)  # the init key is config.seed
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    writer = MetricsWriter(workdir)
+    flops_per_real_token = flops_per_token(model_cfg, config.data.seq_len)
+    peak = peak_flops_per_device(override=config.train.get("peak_flops_per_device", 0.0))
+    progress = progress_bar(start, total_steps)
+    last_time, pending = time.perf_counter(), []
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start, total_steps):
+                if 0 < config.train.max_steps <= step:
+                    break
+                batch = data.global_batch(next(data.train_iter), mesh)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = train_step(state, batch, dropout_key)
+                pending.append(metrics)
+                done = step + 1
+                if done % config.train.log_every_steps == 0 or done in epoch_ends or done == total_steps:
+                    rows = jax.device_get(pending)  # the only host round trip: metrics
+                    now = time.perf_counter()
+                    step_time = (now - last_time) / len(rows)
+                    last_time, pending = now, []
+                    for offset, row in enumerate(rows):
+                        if not np.isfinite(row["loss"]):
+                            raise NonFiniteLoss(f"loss is {row['loss']} at step {done - len(rows) + offset + 1}; "
+                                                f"stopping. The last good checkpoint is kept in {manager.directory}")
+                    row = rows[-1]
+                    tokens_per_s = float(row["real_tokens"]) / step_time
+                    report = dict(row, step_time=step_time, tokens_per_s=tokens_per_s)
+                    if peak:
+                        report["mfu"] = flops_per_real_token * tokens_per_s / (peak * jax.device_count())
+                    writer.write(done, report)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
+                progress.update(1)
+                if done in epoch_ends or (config.train.checkpoint_every_steps
+                                          and done % config.train.checkpoint_every_steps == 0):
+                    save(manager, done, state, data, model_cfg, config)
+                if done in epoch_ends and config.train.eval_every_epoch:
+                    epoch = epoch_ends.index(done) + 1
+                    dev = evaluate(eval_step, state.params, data, mesh)
+                    writer.write(done, {"epoch": epoch, **dev})
+                    log(f"epoch {epoch}: dev loss {dev['dev_loss']:.4f}, perplexity {dev['dev_perplexity']:.2f}")
+                    sample_dev_answers(config, model_cfg, state.params, data, mesh, workdir, done, epoch)
+                if stop["signal"] is not None:
+                    log(f"signal {stop['signal']}: saving step {done} and exiting")
+                    save(manager, done, state, data, model_cfg, config)
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+    return state
+
+
+def restore_or_init(config, model_cfg, manager, data, abstract_state, shardings, optimizer) -> TrainState:
+    """Resume from the work dir's latest complete checkpoint, else start from
+    `config.init_checkpoint` (converted weights) or from a random init."""
+    step = manager.latest_step()
+    if step is not None:
+        log(f"resuming from {manager.directory}/{step}")
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            ckpt.PARAMS: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.params, shardings.params)),
+            ckpt.OPT_STATE: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.opt_state, shardings.opt_state)),
+            ckpt.DATA_ITER: data.restore_args(),
+        }))
+        data.set_iterator(restored[ckpt.DATA_ITER])
+        return TrainState(jax.device_put(jnp.int32(step), shardings.step), restored[ckpt.PARAMS],
+                          restored[ckpt.OPT_STATE])
+    if config.init_checkpoint:
+        log(f"initial weights from {config.init_checkpoint}")
+        params = ckpt.restore_params(config.init_checkpoint, abstract_state.params, shardings.params)
+    else:
+        log("initial weights: random (set config.init_checkpoint to fine-tune converted weights)")
+        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(
+            model_cfg, jax.random.key(config.seed))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
+
+
+def save(manager, step, state, data, model_cfg, config):
+    if manager.latest_step() == step:
+        return
+    meta = {"step": step, "model": model_cfg.__dict__, "config": json.loads(config.to_json_best_effort())}
+    manager.save(step, args=ocp.args.Composite(**{
+        ckpt.PARAMS: ocp.args.StandardSave(state.params),
+        ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
+        ckpt.DATA_ITER: data.save_args(),
+        ckpt.META: ocp.args.JsonSave(meta),
+    }))
+
+
+def evaluate(eval_step, params, data, mesh) -> dict:
+    total = count = 0.0
+    for batch in data.dev_batches:
+        t, c = eval_step(params, data.global_batch(batch, mesh))
+        total, count = total + float(t), count + float(c)
+    loss = total / max(count, 1.0)
+    return {"dev_loss": loss, "dev_perplexity": float(np.exp(loss))}
+
+
+def sample_dev_answers(config, model_cfg, params, data, mesh, workdir, step, epoch):
+    """Answers to the first few dev prompts, next to the epoch's checkpoint, for side-by-side reading."""
+    n = config.train.sample_dev_prompts
+    if n <= 0:
+        return
+    from lima_jax import sampling  # the sampler is optional for training
+
+    answers = sampling.answer(model_cfg, params, data.tokenizer, data.dev_prompts[:n], mesh=mesh,
+                              max_new_tokens=config.train.sample_max_new_tokens, seed=config.seed)
+    if jax.process_index() == 0:
+        out = workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(a) + "\n" for a in answers))
+
+
+def progress_bar(start, total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[lima_jax] {message}", flush=True)

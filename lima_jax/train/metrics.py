@@ -1,0 +1,65 @@
+"""Metrics: TensorBoard, WORKDIR/metrics.jsonl (appended across restarts), and MFU.
+
+MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices), with model
+FLOPs from `lima_jax.model.flops_per_token` (6N + attention) on the real (non-padding)
+tokens of the step. Peaks are the published dense bf16 figures per chip kind.
+"""
+
+import json
+
+import jax
+from etils import epath
+
+# jax `device_kind` prefix -> peak dense bf16 FLOP/s of one JAX device (v4/v5p: a megacore
+# chip, one device; v5e/v6e: one chip).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device: the override if > 0, else the table; None when unknown (CPU)."""
+    if override > 0:
+        return override
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
+
+
+class MetricsWriter:
+    """One writer for both sinks; only process 0 writes."""
+
+    def __init__(self, workdir):
+        self.active = jax.process_index() == 0
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter  # lazy: a heavy import, and only process 0 needs it
+
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

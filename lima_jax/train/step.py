@@ -1,0 +1,79 @@
+"""The train step: a pure function (state, batch, key) -> (state, metrics), jitted with
+explicit shardings and a donated state by the loop.
+
+Gradients are taken of the summed token loss and divided once by the step's number of
+target tokens, so gradient accumulation gives the same update as one large batch and every
+target token weighs the same however the examples were packed.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lima_jax.sharding import constrain
+from lima_jax.train import loss as loss_lib
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):
+    def summed_loss(params, batch, key):
+        _, (total, count) = loss_lib.lm_loss(model_cfg, params, batch, key)
+        return total, count
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def gradients(params, batch, key):
+        """(summed loss, target tokens, summed gradients) over the whole batch."""
+        if grad_accum_steps == 1:
+            (total, count), grads = grad_fn(params, batch, key)
+            return total, count, grads
+
+        # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps working on its rows.
+        def split(x):
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            return constrain(x, None, "batch", "length")
+
+        def accumulate(carry, xs):
+            micro, index = xs
+            (total, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        carry, _ = jax.lax.scan(accumulate, zeros, (jax.tree.map(split, batch), jnp.arange(grad_accum_steps)))
+        return carry
+
+    def train_step(state: TrainState, batch: dict, dropout_key: jax.Array):
+        total, count, grads = gradients(state.params, batch, jax.random.fold_in(dropout_key, state.step))
+        count = jnp.maximum(count, 1.0)
+        loss = total / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss leaves the state as it was; the loop sees the loss and stops, so
+        # the last good checkpoint stays the newest.
+        finite = jnp.isfinite(loss)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(state.step + finite.astype(state.step.dtype), keep(params, state.params),
+                               keep(opt_state, state.opt_state))
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
+                       target_tokens=count, real_tokens=jnp.sum(batch["segment_ids"] > 0))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg):
+    """(summed loss, target tokens) of a batch without dropout: dev loss and perplexity."""
+
+    def eval_step(params, batch):
+        _, (total, count) = loss_lib.lm_loss(model_cfg, params, batch)
+        return total, count
+
+    return eval_step
