@@ -75,3 +75,87 @@ def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
                                                    META: ocp.args.JsonSave(meta)}))
         mngr.wait_until_finished()
     return epath.Path(directory) / str(step)
+
+
+# ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
+
+def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overwrite: bool = False,
+                          chunk_bytes: int = 256 << 20) -> epath.Path:
+    """Write a params-only checkpoint one parameter group at a time; the same layout as `save_params`.
+
+    `groups` yields `(path, array)` pairs (path: a tuple of keys into the params dict, array: a
+    host numpy array); each is written and dropped before the next is pulled, so host memory
+    holds one group at a time. Mechanism: Orbax's partial save (`orbax.checkpoint.experimental
+    .v1.partial`) adds each group to a pending OCDBT pytree and `finalize` merges them into one
+    manifest. That pytree becomes the step's `params` item, next to a `meta` JSON item and the
+    v0 `_CHECKPOINT_METADATA` naming the same handlers as `save_params`, so `restore_params`
+    reads it with `StandardRestore` straight into target shardings. Arrays are chunked to at
+    most `chunk_bytes`, so a host restoring a shard reads about that shard's bytes only.
+
+    Atomic: everything is written under `<directory>.tmp-convert` and renamed to `directory`
+    only when complete. An existing `directory` is refused unless `overwrite`.
+    """
+    import json
+    import shutil
+
+    from orbax.checkpoint.experimental import v1 as ocp1
+    from orbax.checkpoint.experimental.v1 import partial
+
+    directory = epath.Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{directory} already exists and is not empty; pass --overwrite to replace it")
+    tmp = directory.parent / f"{directory.name}.tmp-convert"
+    if tmp.exists():
+        tmp.rmtree()
+    tmp.mkdir(parents=True)
+    step_dir = tmp / str(step)
+    ctx = ocp1.Context()
+    ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
+    with ctx:
+        for path, array in groups:
+            tree: dict = {}
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = array
+            partial.save(step_dir, tree)
+            del tree, node, array
+        partial.finalize(step_dir)
+    (step_dir / "state").rename(step_dir / PARAMS)
+    indicator = step_dir / "orbax.checkpoint"  # the v1 layout marker; this is a v0 manager step
+    if indicator.exists():
+        indicator.unlink()
+    (step_dir / META).mkdir()
+    ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
+    info = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    info["item_handlers"] = {
+        META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
+        PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}
+    (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(info))
+    if directory.exists():
+        old = directory.parent / f"{directory.name}.tmp-replaced"
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old) if not str(old).startswith("gs://") else old.rmtree()
+    else:
+        tmp.rename(directory)
+    return directory / str(step)
+
+
+def restore_params_subset(path, subset_abstract: dict, shardings=None) -> dict:
+    """Only the leaves named in `subset_abstract` (a sub-dict of the params tree of
+    ShapeDtypeStructs) from a checkpoint's `params` item; numpy arrays unless `shardings`."""
+    import numpy as np
+
+    root, step = locate(path)
+    if shardings is None:
+        restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype),
+                                    subset_abstract)
+        item = subset_abstract
+    else:
+        item = target_tree(subset_abstract, shardings)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(root / str(step) / PARAMS, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
