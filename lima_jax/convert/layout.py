@@ -25,11 +25,30 @@ class Tensor:
     meta_split_dim: int | None  # dim Meta's model-parallel files split it on; None = replicated
     to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]  # from HF's [out, in] layout
     to_hf: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    hf_shape: Callable[[ModelConfig], tuple[int, ...]] = lambda c: ()  # one tensor (one layer) as HF stores it
     rope_heads: str | None = None  # "n_heads" / "n_kv_heads" for Meta's q/k permutation
+    vocab_rows: bool = False  # rows are vocabulary entries (EOT growth, padding, trimming)
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
+
+    def hf_name(self, i: int | None = None) -> str:
+        return self.hf.format(i=i)
+
+    def meta_name(self, i: int | None = None) -> str:
+        return self.meta.format(i=i)
+
+    def layers(self, cfg: ModelConfig) -> tuple[int | None, ...]:
+        """The layer indices this entry covers (`(None,)` for a tensor outside the stack)."""
+        return tuple(range(cfg.n_layers)) if self.per_layer else (None,)
+
+    def meta_to_hf(self, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        """A merged Meta tensor -> HF's layout (only q/k rows differ: the RoPE permutation)."""
+        return meta_to_hf_rope(w, getattr(cfg, self.rope_heads)) if self.rope_heads else w
+
+    def hf_to_meta(self, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        return hf_to_meta_rope(w, getattr(cfg, self.rope_heads)) if self.rope_heads else w
 
 
 def _pad_vocab(w, cfg):
@@ -55,32 +74,42 @@ def _same(w, c):
     return w
 
 
+_D = lambda c: (c.dim,)  # noqa: E731
+_VD = lambda c: (c.vocab_size, c.dim)  # noqa: E731
+
 LAYOUT: tuple[Tensor, ...] = (
     Tensor(("embed",), "model.embed_tokens.weight", "tok_embeddings.weight", 1,
-           lambda w, c: _pad_vocab(w, c), lambda w, c: w[: c.vocab_size]),
-    Tensor(("final_norm", "scale"), "model.norm.weight", "norm.weight", None, _same, _same),
+           lambda w, c: _pad_vocab(w, c), lambda w, c: w[: c.vocab_size], hf_shape=_VD, vocab_rows=True),
+    Tensor(("final_norm", "scale"), "model.norm.weight", "norm.weight", None, _same, _same, hf_shape=_D),
     Tensor(("lm_head",), "lm_head.weight", "output.weight", 0,
-           lambda w, c: _pad_vocab(w, c).T, lambda w, c: w.T[: c.vocab_size]),
+           lambda w, c: _pad_vocab(w, c).T, lambda w, c: w.T[: c.vocab_size], hf_shape=_VD, vocab_rows=True),
     Tensor(("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight",
-           "layers.{i}.attention_norm.weight", None, _same, _same),
+           "layers.{i}.attention_norm.weight", None, _same, _same, hf_shape=_D),
     Tensor(("layers", "attn", "wq"), "model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", 0,
-           _heads_in("n_heads"), _heads_out("n_heads"), rope_heads="n_heads"),
+           _heads_in("n_heads"), _heads_out("n_heads"), hf_shape=lambda c: (c.n_heads * c.head_dim, c.dim),
+           rope_heads="n_heads"),
     Tensor(("layers", "attn", "wk"), "model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", 0,
-           _heads_in("n_kv_heads"), _heads_out("n_kv_heads"), rope_heads="n_kv_heads"),
+           _heads_in("n_kv_heads"), _heads_out("n_kv_heads"), hf_shape=lambda c: (c.n_kv_heads * c.head_dim, c.dim),
+           rope_heads="n_kv_heads"),
     Tensor(("layers", "attn", "wv"), "model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", 0,
-           _heads_in("n_kv_heads"), _heads_out("n_kv_heads")),
+           _heads_in("n_kv_heads"), _heads_out("n_kv_heads"), hf_shape=lambda c: (c.n_kv_heads * c.head_dim, c.dim)),
     Tensor(("layers", "attn", "wo"), "model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", 1,
            lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.dim),
-           lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T),
+           lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T, hf_shape=lambda c: (c.dim, c.n_heads * c.head_dim)),
     Tensor(("layers", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight",
-           "layers.{i}.ffn_norm.weight", None, _same, _same),
+           "layers.{i}.ffn_norm.weight", None, _same, _same, hf_shape=_D),
     Tensor(("layers", "mlp", "w1"), "model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", 0,
-           _transpose, _transpose),
+           _transpose, _transpose, hf_shape=lambda c: (c.ffn_dim, c.dim)),
     Tensor(("layers", "mlp", "w3"), "model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", 0,
-           _transpose, _transpose),
+           _transpose, _transpose, hf_shape=lambda c: (c.ffn_dim, c.dim)),
     Tensor(("layers", "mlp", "w2"), "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", 1,
-           _transpose, _transpose),
+           _transpose, _transpose, hf_shape=lambda c: (c.dim, c.ffn_dim)),
 )
+
+# Tensors some releases carry that the model does not use (LLaMA-1's precomputed RoPE table;
+# HF's cached rotary inverse frequencies in old exports). Anything else unknown is an error.
+IGNORED_META = ("rope.freqs",)
+IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def meta_to_hf_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -118,3 +147,29 @@ def params_from_hf(state_dict, cfg: ModelConfig, dtype=np.float32) -> dict:
             value = t.to_ours(np.asarray(state_dict[t.hf]), cfg)
         set_path(params, t.path, value.astype(dtype))
     return params
+
+
+def grow_vocab(w: np.ndarray, new_rows: int) -> np.ndarray:
+    """Append `new_rows` rows equal to the mean of the existing rows (LIMA's EOT: 32,000 -> 32,001).
+
+    The mean is taken in float64 and cast back, so new rows start as an "average token"."""
+    if new_rows <= 0:
+        return w
+    mean = w.astype(np.float64).mean(axis=0, keepdims=True).astype(w.dtype)
+    return np.concatenate([w, np.repeat(mean, new_rows, axis=0)])
+
+
+def hf_names(cfg: ModelConfig) -> list[str]:
+    return [t.hf_name(i) for t in LAYOUT for i in t.layers(cfg)]
+
+
+def meta_names(cfg: ModelConfig) -> list[str]:
+    return [t.meta_name(i) for t in LAYOUT for i in t.layers(cfg)]
+
+
+def ffn_dim_meta(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """The MLP width Meta's `FeedForward` derives from params.json."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
