@@ -12,19 +12,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lima_jax import checkpoint as ckpt
 from lima_jax import config as config_lib
 from lima_jax import data as data_lib
-from lima_jax.model import abstract_params, flops_per_token, init_params, param_logical_axes
-from lima_jax.sharding import make_mesh, named_shardings, num_slices
+from lima_jax.model import flops_per_token, init_params
+from lima_jax.sharding import make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import TrainState, make_eval_step, make_train_step
+from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,13 +50,8 @@ def train(config, workdir) -> TrainState:
 
     schedule = learning_rate_schedule(config.optimizer, total_steps)
     optimizer = make_optimizer(config.optimizer, total_steps)
-    param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
-    replicated = NamedSharding(mesh, P())
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params(model_cfg))
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: replicated)
-    state_shardings = TrainState(replicated, param_shardings, opt_shardings)
-    abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params(model_cfg), abstract_opt)
+    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh)
+    replicated = state_shardings.step
 
     epoch_ends = [data.steps_per_epoch * e for e in range(1, config.train.epochs + 1)]
     keep = [data.steps_per_epoch * e for e in config.train.keep_epochs]
@@ -70,7 +63,7 @@ def train(config, workdir) -> TrainState:
     train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
                          in_shardings=(state_shardings, data.batch_sharding(mesh), replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(param_shardings, data.batch_sharding(mesh)))
+    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, data.batch_sharding(mesh)))
     dropout_key = jax.random.key(config.seed + 1)  # the init key is config.seed
 
     stop = {"signal": None}

@@ -11,8 +11,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lima_jax.sharding import constrain
+from lima_jax.model import abstract_params, param_logical_axes
+from lima_jax.sharding import constrain, named_shardings
 from lima_jax.train import loss as loss_lib
 
 
@@ -20,6 +22,19 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: dict
     opt_state: optax.OptState
+
+
+def abstract_train_state(model_cfg, optimizer, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs, shardings) of the train state: the optimizer moments follow their
+    parameters' shardings; optimizer scalars (counts) are replicated."""
+    params = abstract_params(model_cfg)
+    param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+    return abstract, TrainState(replicated, param_shardings, opt_shardings)
 
 
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):

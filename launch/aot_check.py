@@ -1,0 +1,46 @@
+"""Does a config fit a TPU slice? Compile its train step for the topology, here, without TPUs.
+
+  python launch/aot_check.py --config configs/llama65b.py --topology v4-256 \
+      --config.mesh.fsdp=-1 --config.model.remat_policy=full
+
+Prints per-device memory against HBM, FLOPs per step and the verdict; exits 0 when it fits,
+1 when it does not (with the compiler's message). Needs `libtpu` (pip install libtpu).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU topology, run nothing
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "ml-collections config file.", lock_config=True)
+flags.DEFINE_string("topology", None, "Slice name: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips).")
+flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
+flags.DEFINE_string("json", None, "Also write the report as JSON here.")
+flags.mark_flags_as_required(["config", "topology"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from lima_jax.aot import check_train_step, format_report
+
+    try:
+        report = check_train_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
+    except Exception as e:  # the compiler's RESOURCE_EXHAUSTED is the answer, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+            raise
+        print(f"topology {FLAGS.topology}: DOES NOT FIT\n{e}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,126 @@
+"""Ahead-of-time fit check: compile the real train step for a TPU topology on any machine.
+
+With `libtpu` installed, `jax.experimental.topologies` describes a TPU slice without TPUs;
+the step is lowered with the config's mesh and shardings and compiled by the TPU compiler,
+which reports per-device memory (or fails with RESOURCE_EXHAUSTED when it does not fit).
+"""
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+
+from lima_jax import config as config_lib
+from lima_jax.model import flops_per_token
+from lima_jax.sharding import logical_to_spec, make_mesh
+from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from lima_jax.train.step import abstract_train_state, make_train_step
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    topology: str  # prefix of get_topology_desc's topology_name
+    cores_per_chip_in_name: int  # v4/v5p slice names count TensorCores (2 a chip), v5e/v6e count chips
+    hbm_bytes: int  # per JAX device (a megacore chip for v4/v5p)
+    dims: int
+    megacore: bool
+
+
+CHIPS = {
+    "v4": Chip("v4", 2, 32 * GiB, 3, True),
+    "v5p": Chip("v5p", 2, 95 * GiB, 3, True),
+    "v5e": Chip("v5e", 1, 16 * GiB, 2, False),
+    "v6e": Chip("v6e", 1, 32 * GiB, 2, False),
+}
+
+
+def parse_topology(name: str) -> tuple[Chip, int, str]:
+    """'v4-128' -> (chip, 64 chips, '4x4x4'): the slice shape Google Cloud builds for that name."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
+    if not m:
+        raise ValueError(f"--topology={name!r}: expected v4-N, v5p-N, v5e-N or v6e-N (e.g. v4-128)")
+    chip = CHIPS[m.group(1)]
+    n = int(m.group(2))
+    chips, rem = divmod(n, chip.cores_per_chip_in_name)
+    if rem or chips < 1 or chips & (chips - 1):
+        raise ValueError(f"--topology={name!r}: {n} is not a slice size of {m.group(1)} (powers of two)")
+    if chip.dims == 3 and chips < 4:
+        raise ValueError(f"--topology={name!r}: the smallest {m.group(1)} slice is {m.group(1)}-8")
+    # Cloud TPU slices grow by doubling the last of their smallest axes: 2x2x1, 2x2x2, 2x2x4,
+    # 2x4x4, 4x4x4, 4x4x8, ... (3-D) and 1x1, 1x2, 2x2, 2x4, 4x4, 4x8, ... (2-D).
+    shape = [2, 2, 1] if chip.dims == 3 else [1, 1]
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        shape[max(i for i, a in enumerate(shape) if a == smallest)] *= 2
+    return chip, chips, "x".join(map(str, shape))
+
+
+def topology_devices(name: str, num_slices: int = 1):
+    chip, _, shape = parse_topology(name)
+    kwargs = dict(topology_name=f"{chip.topology}:{shape}", platform="tpu", num_slices=num_slices)
+    if chip.megacore:
+        kwargs["chip_config_name"] = "megacore"
+    return chip, topologies.get_topology_desc(**kwargs).devices
+
+
+def step_rows(config, mesh) -> int:
+    """Rows of the compiled step: data.rows_per_step, or one example per row (the most the LIMA
+    batch can need) rounded up to the batch shards."""
+    rows = config.data.rows_per_step
+    if rows <= 0:
+        rows = config.data.examples_per_step
+    multiple = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps
+    return -(-rows // multiple) * multiple
+
+
+def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
+    """Compile the train step for `topology`; returns the memory/FLOPs report (raises on no fit)."""
+    chip, devices = topology_devices(topology, num_slices)
+    model_cfg = config_lib.validate(config, len(devices), num_slices)
+    mesh = make_mesh(config.mesh, devices)
+    rows, seq = step_rows(config, mesh), config.data.seq_len
+    optimizer = make_optimizer(config.optimizer, 1000)
+    schedule = learning_rate_schedule(config.optimizer, 1000)
+    abstract, shardings = abstract_train_state(model_cfg, optimizer, mesh)
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
+    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("tokens", "targets", "positions", "segment_ids", "loss_weights")}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shardings.step)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
+                   out_shardings=(shardings, shardings.step), donate_argnums=0)
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch, key).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return dict(
+        topology=topology, num_slices=num_slices, devices=len(devices), mesh=dict(mesh.shape),
+        rows=rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
+        argument_gib=mem.argument_size_in_bytes / GiB, output_gib=mem.output_size_in_bytes / GiB,
+        temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB, total_gib=total / GiB,
+        hbm_gib=chip.hbm_bytes / GiB, headroom_gib=(chip.hbm_bytes - total) / GiB, fits=total <= chip.hbm_bytes,
+        compiler_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
+        model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq,
+    )
+
+
+def format_report(r: dict) -> str:
+    return "\n".join([
+        f"topology {r['topology']} x{r['num_slices']} slice(s): {r['devices']} devices, mesh {r['mesh']}",
+        f"step: {r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}",
+        f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
+        f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
+        f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",
+        f"FLOPs per step: compiler {r['compiler_flops_per_device'] * r['devices']:.3e} (all devices), "
+        f"model {r['model_flops_per_step']:.3e}",
+        f"verdict: {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+    ])
