@@ -96,7 +96,6 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     only when complete. An existing `directory` is refused unless `overwrite`.
     """
     import json
-    import shutil
 
     from orbax.checkpoint.experimental import v1 as ocp1
     from orbax.checkpoint.experimental.v1 import partial
@@ -112,32 +111,36 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     step_dir = tmp / str(step)
     ctx = ocp1.Context()
     ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
-    with ctx:
-        for path, array in groups:
-            tree: dict = {}
-            node = tree
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = array
-            partial.save(step_dir, tree)
-            del tree, node, array
-        partial.finalize(step_dir)
-    (step_dir / "state").rename(step_dir / PARAMS)
-    indicator = step_dir / "orbax.checkpoint"  # the v1 layout marker; this is a v0 manager step
-    if indicator.exists():
-        indicator.unlink()
-    (step_dir / META).mkdir()
-    ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
-    info = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
-    info["item_handlers"] = {
-        META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
-        PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}
-    (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(info))
+    try:
+        with ctx:
+            for path, array in groups:
+                tree: dict = {}
+                node = tree
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = array
+                partial.save(step_dir, tree)
+                del tree, node, array
+            partial.finalize(step_dir)
+        (step_dir / "state").rename(step_dir / PARAMS)
+        indicator = step_dir / "orbax.checkpoint"  # the v1 layout marker; this is a v0 manager step
+        if indicator.exists():
+            indicator.unlink()
+        (step_dir / META).mkdir()
+        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
+        info = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+        info["item_handlers"] = {
+            META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
+            PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}
+        (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(info))
+    except BaseException:
+        tmp.rmtree()  # a failed conversion leaves nothing behind, least of all a complete-looking step
+        raise
     if directory.exists():
         old = directory.parent / f"{directory.name}.tmp-replaced"
         directory.rename(old)
         tmp.rename(directory)
-        shutil.rmtree(old) if not str(old).startswith("gs://") else old.rmtree()
+        old.rmtree()
     else:
         tmp.rename(directory)
     return directory / str(step)

@@ -1,1 +1,13 @@
-"""Checkpoint conversion: Meta `.pth` / Hugging Face safetensors <-> the model's parameters."""
+"""Checkpoint conversion: Meta `.pth` / Hugging Face safetensors <-> the model's parameters.
+
+- `layout`: the one key map and per-tensor transforms (Meta, HF, ours).
+- `sources`: streaming readers for Meta and HF folders, with the shape/key checks.
+- `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one parameter group at a time.
+- `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT).
+"""
+
+from lima_jax.convert.sources import ConversionError
+from lima_jax.convert.to_hf import export_hf
+from lima_jax.convert.to_orbax import convert_to_orbax
+
+__all__ = ["ConversionError", "convert_to_orbax", "export_hf"]

@@ -1,0 +1,60 @@
+"""Convert LLaMA weights: Meta / Hugging Face folder -> Orbax checkpoint, or Orbax -> Hugging Face.
+
+    python launch/convert_checkpoint.py --source meta --input /llama/65B --output /ckpt/65b \
+        --config configs/llama65b.py --add_eot
+    python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b \
+        --tokenizer /llama/tokenizer.model
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab accelerators
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax.")
+flags.DEFINE_enum("to", "orbax", ["orbax", "hf"], "Output format: an Orbax checkpoint or a Hugging Face folder.")
+flags.DEFINE_string("input", None, "Source folder (Meta/HF) or, with --to hf, an Orbax checkpoint or work dir.")
+flags.DEFINE_string("output", None, "Target folder (local or gs:// for Orbax).")
+flags.DEFINE_bool("add_eot", False, "Grow the vocabulary by LIMA's end-of-turn token (new row = mean of rows).")
+flags.DEFINE_integer("vocab_multiple", None, "Pad vocabulary rows to a multiple of this (default: config's, or 128).")
+flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Stored parameter dtype (default: config's or float32).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "With --to hf: tensor dtype (default: checkpoint's).")
+flags.DEFINE_string("tokenizer", None, "With --to hf: tokenizer.model (or a folder of tokenizer files) to copy.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing target.")
+config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py) to check the architecture against.")
+flags.mark_flags_as_required(["input", "output"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
+
+    try:
+        if FLAGS.to == "hf":
+            report = export_hf(FLAGS.input, FLAGS.output, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
+                               overwrite=FLAGS.overwrite)
+            print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)")
+        else:
+            if FLAGS.source is None:
+                raise ConversionError("--source meta|hf is required when converting to Orbax")
+            from lima_jax.config import model_config
+
+            report = convert_to_orbax(
+                FLAGS.source, FLAGS.input, FLAGS.output, add_eot=FLAGS.add_eot, vocab_multiple=FLAGS.vocab_multiple,
+                param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+                config=model_config(FLAGS.config) if FLAGS.config is not None else None)
+            mb = report["bytes_read"] / 1e6
+            print(f"wrote {report['output']}: {mb:.1f} MB read in {report['seconds']:.1f} s "
+                  f"({mb / report['seconds']:.1f} MB/s); vocab {report['model'].vocab_size} "
+                  f"padded to {report['model'].padded_vocab_size}")
+    except (ConversionError, FileExistsError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

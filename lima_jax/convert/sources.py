@@ -1,0 +1,232 @@
+"""Readers for Meta's original release and Hugging Face folders, one tensor at a time.
+
+Both present the same interface: `arch()` (the architecture as ModelConfig fields, read from
+params.json / config.json), `check(cfg)` (every expected tensor present with the expected
+shape, nothing unknown; raises with a message naming the file and the tensor) and, inside
+`with source.opened():`, `read(entry, layer)` giving one tensor in Hugging Face's layout as a
+numpy array of the stored dtype. Files are opened per parameter group and closed after it, so
+memory-mapped pages of earlier groups are released.
+
+Meta: `consolidated.NN.pth` files are model-parallel shards, loaded with
+`torch.load(mmap=True, weights_only=True)` (no pickle code execution, no bulk read). A tensor
+is the concatenation of its shards on `Tensor.meta_split_dim` (replicated tensors are taken
+from shard 0), then q/k rows are permuted from Meta's interleaved RoPE to HF's rotate-half.
+HF: `safetensors.safe_open` reads single tensors lazily; `model.safetensors.index.json`
+names the shard of each tensor.
+"""
+
+import contextlib
+import json
+import pathlib
+import re
+
+import numpy as np
+
+from lima_jax.convert.layout import IGNORED_HF_SUFFIXES, IGNORED_META, LAYOUT, Tensor, ffn_dim_meta
+from lima_jax.model.config import ModelConfig
+
+ARCH_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted as it is; the message says which file and why."""
+
+
+def _to_numpy(t) -> np.ndarray:
+    """A torch tensor -> numpy without changing bits (bfloat16 via ml_dtypes)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _arch_cfg(arch: dict) -> ModelConfig:
+    return ModelConfig(**arch, vocab_multiple=1)
+
+
+class _Source:
+    kind = ""
+    arch_file = ""
+
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory)
+        if not self.dir.is_dir():
+            raise ConversionError(f"{self.dir} is not a directory")
+        if not (self.dir / self.arch_file).is_file():
+            raise ConversionError(f"{self.dir} has no {self.arch_file}: is this a {self.kind} checkpoint folder?")
+        self._arch = self._read_arch(json.loads((self.dir / self.arch_file).read_text()))
+        self._open = None
+
+    def arch(self) -> dict:
+        return dict(self._arch)
+
+    @contextlib.contextmanager
+    def opened(self):
+        self._open = self._open_files()
+        try:
+            yield self
+        finally:
+            self._open = None  # drops the memory maps
+
+    def read(self, entry: Tensor, layer: int | None) -> np.ndarray:
+        assert self._open is not None, "read inside `with source.opened():`"
+        return self._read(entry, layer)
+
+
+class MetaSource(_Source):
+    kind = "Meta"
+    arch_file = "params.json"
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        files = sorted(self.dir.glob("consolidated.*.pth"))
+        if not files:
+            raise ConversionError(f"{self.dir} has params.json but no consolidated.*.pth shards")
+        numbers = []
+        for f in files:
+            m = re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)
+            if not m:
+                raise ConversionError(f"unexpected shard file name {f}")
+            numbers.append(int(m.group(1)))
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        if missing:
+            raise ConversionError(f"{self.dir}: missing shard(s) " + ", ".join(f"consolidated.{n:02d}.pth" for n in missing)
+                                  + f" (found {len(files)} of {max(numbers) + 1})")
+        self.files = [self.dir / f"consolidated.{n:02d}.pth" for n in sorted(numbers)]
+        if self._arch["vocab_size"] <= 0:  # LLaMA-1's params.json says -1: the tensors know
+            with self.opened():
+                self._arch["vocab_size"] = int(self._open[0]["tok_embeddings.weight"].shape[0])
+
+    def _read_arch(self, p: dict) -> dict:
+        try:
+            dim, n_heads = int(p["dim"]), int(p["n_heads"])
+            arch = dict(vocab_size=int(p.get("vocab_size", -1)), dim=dim, n_layers=int(p["n_layers"]), n_heads=n_heads,
+                        n_kv_heads=int(p.get("n_kv_heads") or n_heads),
+                        ffn_dim=ffn_dim_meta(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier")),
+                        norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)))
+        except KeyError as e:
+            raise ConversionError(f"{self.dir / 'params.json'} lacks {e.args[0]!r}") from None
+        return arch
+
+    def _open_files(self):
+        import torch
+
+        return [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in self.files]
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Shard shapes agree, merged shapes match params.json, no unknown keys."""
+        expected = {t.meta_name(i): (t, i) for t in LAYOUT for i in t.layers(cfg)}
+        with self.opened():
+            for f, sd in zip(self.files, self._open):
+                unknown = sorted(k for k in sd if k not in expected and k not in IGNORED_META)
+                if unknown:
+                    raise ConversionError(f"{f}: unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+                absent = sorted(set(expected) - set(sd))
+                if absent:
+                    raise ConversionError(f"{f}: missing tensor(s) {absent[:5]}{' ...' if len(absent) > 5 else ''} "
+                                          f"(params.json says n_layers={cfg.n_layers})")
+            for name, (t, i) in expected.items():
+                shapes = [tuple(sd[name].shape) for sd in self._open]
+                if len(set(shapes)) > 1:
+                    detail = ", ".join(f"{f.name}: {s}" for f, s in zip(self.files, shapes))
+                    raise ConversionError(f"shards disagree in shape for {name}: {detail}")
+                merged = list(shapes[0])
+                if t.meta_split_dim is not None:
+                    merged[t.meta_split_dim] *= len(shapes)
+                want = t.hf_shape(cfg)
+                if tuple(merged) != want:
+                    raise ConversionError(
+                        f"params.json does not match the tensors: {name} merged from {len(self.files)} shard(s) is "
+                        f"{tuple(merged)} but params.json ({_describe(cfg)}) implies {want}; "
+                        "check params.json and that no consolidated.*.pth shard is missing")
+
+    def _read(self, entry, layer):
+        name = entry.meta_name(layer)
+        parts = [sd[name] for sd in self._open]
+        if entry.meta_split_dim is None or len(parts) == 1:
+            w = _to_numpy(parts[0])
+        else:
+            w = np.concatenate([_to_numpy(p) for p in parts], axis=entry.meta_split_dim)
+        cfg = _arch_cfg(self._arch)
+        return entry.meta_to_hf(w, cfg)
+
+
+class HFSource(_Source):
+    kind = "Hugging Face"
+    arch_file = "config.json"
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        index = self.dir / self.INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            if missing:
+                raise ConversionError(f"{self.dir}: missing shard(s) {missing} listed in {self.INDEX}")
+            self.where = {name: self.dir / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+            if not files:
+                raise ConversionError(f"{self.dir} has no *.safetensors files (and no {self.INDEX})")
+            from safetensors import safe_open
+
+            self.where = {}
+            for f in files:
+                with safe_open(f, framework="pt") as h:
+                    self.where.update({k: f for k in h.keys()})
+
+    def _read_arch(self, c: dict) -> dict:
+        if c.get("model_type", "llama") != "llama":
+            raise ConversionError(f"{self.dir / 'config.json'}: model_type={c.get('model_type')!r}, expected 'llama'")
+        if c.get("tie_word_embeddings"):
+            raise ConversionError(f"{self.dir / 'config.json'}: tie_word_embeddings=true; LLaMA has a separate lm_head")
+        try:
+            n_heads = int(c["num_attention_heads"])
+            return dict(vocab_size=int(c["vocab_size"]), dim=int(c["hidden_size"]), n_layers=int(c["num_hidden_layers"]),
+                        n_heads=n_heads, n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+                        ffn_dim=int(c["intermediate_size"]), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                        rope_theta=float(c.get("rope_theta", 10000.0)))
+        except KeyError as e:
+            raise ConversionError(f"{self.dir / 'config.json'} lacks {e.args[0]!r}") from None
+
+    def _open_files(self):
+        from safetensors import safe_open
+
+        return {f: safe_open(f, framework="pt") for f in sorted(set(self.where.values()))}
+
+    def check(self, cfg: ModelConfig) -> None:
+        expected = {t.hf_name(i): t for t in LAYOUT for i in t.layers(cfg)}
+        unknown = sorted(k for k in self.where if k not in expected and not k.endswith(IGNORED_HF_SUFFIXES))
+        if unknown:
+            raise ConversionError(f"{self.dir}: unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        absent = sorted(set(expected) - set(self.where))
+        if absent:
+            raise ConversionError(f"{self.dir}: missing tensor(s) {absent[:5]}{' ...' if len(absent) > 5 else ''}")
+        with self.opened():
+            for name, t in expected.items():
+                shape = tuple(self._open[self.where[name]].get_slice(name).get_shape())
+                if shape != t.hf_shape(cfg):
+                    raise ConversionError(f"config.json does not match the tensors: {name} in {self.where[name].name} "
+                                          f"is {shape} but config.json ({_describe(cfg)}) implies {t.hf_shape(cfg)}")
+
+    def _read(self, entry, layer):
+        name = entry.hf_name(layer)
+        return _to_numpy(self._open[self.where[name]].get_tensor(name))
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in ARCH_KEYS[:6])
+
+
+SOURCES = {"meta": MetaSource, "hf": HFSource}
+
+
+def open_source(kind: str, directory) -> _Source:
+    if kind not in SOURCES:
+        raise ConversionError(f"--source={kind!r}; choose one of {sorted(SOURCES)}")
+    return SOURCES[kind](directory)
