@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models
         rows_per_step=-1,  # packed [rows, seq_len] rows per step; -1 = derived from examples_per_step
         worker_count=0,
+        packing_bins=64,  # Grain first-fit bins filled before rows are emitted; more = less padding
     ))
 
     # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
