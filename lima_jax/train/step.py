@@ -77,7 +77,7 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(state.step + finite.astype(state.step.dtype), keep(params, state.params),
                                keep(opt_state, state.opt_state))
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                        target_tokens=count, real_tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
 

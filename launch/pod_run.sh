@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run one command on every worker of a Cloud TPU VM slice (each worker runs the same
+# program; jax.distributed discovers the others). Usage:
+#   launch/pod_run.sh TPU_NAME ZONE [PROJECT] -- python launch/tpu_train.py --config configs/llama65b.py --workdir gs://...
+# It syncs this checkout to ~/lima_jax on all workers, installs it, then runs the command there.
+set -euo pipefail
+name=$1 zone=$2; shift 2
+project_flag=()
+if [[ $# -gt 0 && $1 != "--" ]]; then project_flag=(--project "$1"); shift; fi
+[[ ${1:-} == "--" ]] && shift
+[[ $# -gt 0 ]] || { echo "usage: $0 TPU_NAME ZONE [PROJECT] -- COMMAND..." >&2; exit 2; }
+ssh_all() { gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${project_flag[@]}" --worker=all --command "$1"; }
+here=$(cd "$(dirname "$0")/.." && pwd)
+tar -C "$here" --exclude=.git --exclude='workdir*' -czf /tmp/lima_jax.tgz .
+gcloud compute tpus tpu-vm scp /tmp/lima_jax.tgz "$name":/tmp/lima_jax.tgz --zone "$zone" "${project_flag[@]}" --worker=all
+ssh_all "mkdir -p ~/lima_jax && tar -C ~/lima_jax -xzf /tmp/lima_jax.tgz && cd ~/lima_jax && pip install -q -e '.[tpu]'"
+ssh_all "cd ~/lima_jax && $(printf '%q ' "$@")"
