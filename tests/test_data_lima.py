@@ -50,18 +50,20 @@ def test_counts_and_trimming(data, raw, sp):
 
 
 def test_packing_efficiency_and_step_count(data, cfg):
-    """65B recipe (32 examples/step), 15 epochs: the plan's figures checked against real batches."""
+    """65B recipe (32 examples/step), 15 epochs; the plan's dry run is checked against the real
+    batches over 2 epochs (a full 15-epoch pass is the same code, 7x slower)."""
     plan = P.make_plan(data, cfg, epochs=15)
     print(f"\n65B: {plan}")
     assert plan.efficiency >= 0.95
     assert abs(plan.steps_per_epoch - 950 / 32) < 1.5  # LIMA's step count is kept
+    plan2 = P.make_plan(data, cfg, epochs=2)
     real, steps = 0, 0
-    for b in P.train_iterator(data, plan):
+    for b in P.train_iterator(data, plan2):
         real += int((b["segment_ids"] > 0).sum())
         steps += 1
-    assert steps == plan.total_steps
-    assert real == 15 * sum(len(e["ids"]) - 1 for e in data.train)
-    assert real / (steps * plan.rows_per_step * 2048) >= 0.95
+    assert steps == plan2.total_steps
+    assert real == 2 * sum(len(e["ids"]) - 1 for e in data.train) == plan2.real_tokens
+    assert real / (steps * plan2.rows_per_step * 2048) >= 0.95
 
 
 def test_loss_mask_eot_and_segments(data, cfg, raw, sp):
