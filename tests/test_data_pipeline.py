@@ -144,4 +144,4 @@ def test_dev_batches_and_prompts(data, plan):
     assert all(b["loss_weights"].sum() > 0 for b in dev[:1])
     prompts = P.dev_prompts(data, 3)
     raw = [json.loads(line)["conversations"] for line in open(demo.DEMO_TRAIN)]
-    assert prompts == [raw[e["line"] - 1][:1] for e in data.dev[:3]]
+    assert prompts == [raw[e["line"] - 1][:1] for e in data.dev[:3]] == data.dev_prompts[:3]

@@ -60,6 +60,11 @@ class LimaData:
     seed: int
     seq_len: int
 
+    @property
+    def dev_prompts(self) -> list[list[str]]:
+        """Every dev conversation cut to its first user turn (see `dev_prompts()`)."""
+        return [e["turns"][:1] for e in self.dev]
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -173,7 +178,7 @@ def dev_batches(data: LimaData, plan: Plan, process_index: int | None = None,
 
 def dev_prompts(data: LimaData, n: int = 4) -> list[list[str]]:
     """The first `n` dev conversations cut to their first user turn, ready for format_prompt."""
-    return [e["turns"][:1] for e in data.dev[:n]]
+    return data.dev_prompts[:n]
 
 
 def batch_sharding(mesh) -> NamedSharding:
