@@ -7,7 +7,7 @@ flags. Any config value can be overridden: --config.train.epochs=10.
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml-collections config file.")
@@ -20,6 +20,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     import jax
 
     if FLAGS.coordinator_address:

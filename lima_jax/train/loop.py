@@ -9,6 +9,7 @@ import json
 import signal
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from etils import epath
 
 from lima_jax import checkpoint as ckpt
 from lima_jax import config as config_lib
-from lima_jax import data as data_lib
+from lima_jax.data import pipeline
 from lima_jax.model import flops_per_token, init_params
 from lima_jax.sharding import make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -42,28 +43,35 @@ def train(config, workdir) -> TrainState:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         log("effective config:\n" + str(config))
 
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps
-    data = data_lib.build(config, batch_multiple=batch_shards)
-    total_steps = data.steps_per_epoch * config.train.epochs
-    log(f"{data.steps_per_epoch} steps per epoch x {config.train.epochs} epochs = {total_steps} steps; "
-        f"{data.rows_per_step} rows x {config.data.seq_len} tokens per step")
+    epochs = config.train.epochs
+    data = pipeline.load_data(config.data, config.seed)
+    plan = pipeline.make_plan(data, config.data, epochs,
+                              batch_multiple=mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps)
+    total_steps = plan.total_steps
+    log(f"{len(data.train)} train / {len(data.dev)} dev examples ({data.stats}); {total_steps} steps over "
+        f"{epochs} epochs, {plan.rows_per_step} rows x {plan.seq_len} tokens a step, "
+        f"{100 * plan.efficiency:.1f}% real tokens")
+    train_iter = pipeline.train_iterator(data, plan)
+    dev_batches = pipeline.dev_batches(data, plan)
+    batch_sharding = pipeline.batch_sharding(mesh)
 
     schedule = learning_rate_schedule(config.optimizer, total_steps)
     optimizer = make_optimizer(config.optimizer, total_steps)
     abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh)
     replicated = state_shardings.step
 
-    epoch_ends = [data.steps_per_epoch * e for e in range(1, config.train.epochs + 1)]
-    keep = [data.steps_per_epoch * e for e in config.train.keep_epochs]
+    # Packing streams across epoch boundaries, so an epoch "ends" at its share of the steps.
+    epoch_ends = [round(total_steps * e / epochs) for e in range(1, epochs + 1)]
+    keep = [epoch_ends[e - 1] for e in config.train.keep_epochs if 0 < e <= epochs]
     manager = ckpt.manager(workdir / ckpt.CHECKPOINTS_SUBDIR, keep_steps=keep,
                            async_save=config.train.async_checkpointing)
-    state = restore_or_init(config, model_cfg, manager, data, abstract_state, state_shardings, optimizer)
+    state = restore_or_init(config, model_cfg, manager, train_iter, abstract_state, state_shardings, optimizer)
     start = int(state.step)
 
     train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
-                         in_shardings=(state_shardings, data.batch_sharding(mesh), replicated),
+                         in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, data.batch_sharding(mesh)))
+    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, batch_sharding))
     dropout_key = jax.random.key(config.seed + 1)  # the init key is config.seed
 
     stop = {"signal": None}
@@ -78,7 +86,7 @@ def train(config, workdir) -> TrainState:
             for step in range(start, total_steps):
                 if 0 < config.train.max_steps <= step:
                     break
-                batch = data.global_batch(next(data.train_iter), mesh)
+                batch = pipeline.global_batch(next(train_iter), mesh)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = train_step(state, batch, dropout_key)
                 pending.append(metrics)
@@ -102,16 +110,16 @@ def train(config, workdir) -> TrainState:
                 progress.update(1)
                 if done in epoch_ends or (config.train.checkpoint_every_steps
                                           and done % config.train.checkpoint_every_steps == 0):
-                    save(manager, done, state, data, model_cfg, config)
+                    save(manager, done, state, train_iter, model_cfg, config)
                 if done in epoch_ends and config.train.eval_every_epoch:
                     epoch = epoch_ends.index(done) + 1
-                    dev = evaluate(eval_step, state.params, data, mesh)
+                    dev = evaluate(eval_step, state.params, dev_batches, mesh)
                     writer.write(done, {"epoch": epoch, **dev})
                     log(f"epoch {epoch}: dev loss {dev['dev_loss']:.4f}, perplexity {dev['dev_perplexity']:.2f}")
                     sample_dev_answers(config, model_cfg, state.params, data, mesh, workdir, done, epoch)
                 if stop["signal"] is not None:
                     log(f"signal {stop['signal']}: saving step {done} and exiting")
-                    save(manager, done, state, data, model_cfg, config)
+                    save(manager, done, state, train_iter, model_cfg, config)
                     break
     finally:
         manager.wait_until_finished()
@@ -122,7 +130,7 @@ def train(config, workdir) -> TrainState:
     return state
 
 
-def restore_or_init(config, model_cfg, manager, data, abstract_state, shardings, optimizer) -> TrainState:
+def restore_or_init(config, model_cfg, manager, train_iter, abstract_state, shardings, optimizer) -> TrainState:
     """Resume from the work dir's latest complete checkpoint, else start from
     `config.init_checkpoint` (converted weights) or from a random init."""
     step = manager.latest_step()
@@ -131,9 +139,8 @@ def restore_or_init(config, model_cfg, manager, data, abstract_state, shardings,
         restored = manager.restore(step, args=ocp.args.Composite(**{
             ckpt.PARAMS: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.params, shardings.params)),
             ckpt.OPT_STATE: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.opt_state, shardings.opt_state)),
-            ckpt.DATA_ITER: data.restore_args(),
+            ckpt.DATA_ITER: grain.checkpoint.CheckpointRestore(train_iter),  # restores in place
         }))
-        data.set_iterator(restored[ckpt.DATA_ITER])
         return TrainState(jax.device_put(jnp.int32(step), shardings.step), restored[ckpt.PARAMS],
                           restored[ckpt.OPT_STATE])
     if config.init_checkpoint:
@@ -147,22 +154,22 @@ def restore_or_init(config, model_cfg, manager, data, abstract_state, shardings,
     return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
 
 
-def save(manager, step, state, data, model_cfg, config):
+def save(manager, step, state, train_iter, model_cfg, config):
     if manager.latest_step() == step:
         return
     meta = {"step": step, "model": model_cfg.__dict__, "config": json.loads(config.to_json_best_effort())}
     manager.save(step, args=ocp.args.Composite(**{
         ckpt.PARAMS: ocp.args.StandardSave(state.params),
         ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-        ckpt.DATA_ITER: data.save_args(),
+        ckpt.DATA_ITER: grain.checkpoint.CheckpointSave(train_iter),
         ckpt.META: ocp.args.JsonSave(meta),
     }))
 
 
-def evaluate(eval_step, params, data, mesh) -> dict:
+def evaluate(eval_step, params, dev_batches, mesh) -> dict:
     total = count = 0.0
-    for batch in data.dev_batches:
-        t, c = eval_step(params, data.global_batch(batch, mesh))
+    for batch in dev_batches:
+        t, c = eval_step(params, pipeline.global_batch(batch, mesh))
         total, count = total + float(t), count + float(c)
     loss = total / max(count, 1.0)
     return {"dev_loss": loss, "dev_perplexity": float(np.exp(loss))}
