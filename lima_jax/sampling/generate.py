@@ -45,14 +45,16 @@ def constrain_cache(cache: dict) -> dict:
     return {name: constrain(cache[name], *axes[name]) for name in axes}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings", "stop_ids"))
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "stop_ids", "on_token"))
 def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts: jax.Array,
              prompt_lengths: jax.Array, key: jax.Array, row_ids: jax.Array | None = None,
-             stop_ids: tuple[int, ...] = ()) -> dict:
+             stop_ids: tuple[int, ...] = (), on_token=None) -> dict:
     """Answer a batch of right-padded prompts.
 
     prompts [B, P] int32, prompt_lengths [B] (>= 1), key: a PRNG key (unused when greedy),
     row_ids [B]: per-row stream ids for sampling (default 0..B-1).
+    on_token: None, or a hashable host callable `(step, tokens [B])` called in order as each
+    step's tokens are picked (streaming; a no-op cost when None).
     Returns {"tokens": [B, N] int32 (0 after a row stopped), "lengths": [B] answer tokens
     before the stop token, "stopped": [B] bool (emitted a stop token), "steps": loop steps}.
     """
@@ -83,6 +85,8 @@ def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts
     out = jnp.zeros((batch, n_new), jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, stops)
     seen = seen.at[rows, token].set(True)
+    if on_token is not None:
+        jax.debug.callback(on_token, 0, token, ordered=True)
 
     # ---- decode: one token per row per step ----
     def cond(state):
@@ -97,6 +101,8 @@ def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts
         new = pick(model.logits(hidden[:, 0]), seen, t)
         new = jnp.where(done, 0, new)
         out = out.at[:, t].set(new)
+        if on_token is not None:
+            jax.debug.callback(on_token, t, new, ordered=True)
         seen = seen.at[rows, new].max(~done)
         done = done | jnp.isin(new, stops)
         return t + 1, constrain_cache(cache), new, out, done, seen

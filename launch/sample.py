@@ -1,0 +1,67 @@
+"""Answer prompts with a checkpoint: LIMA's decoding by default (p=0.9, t=0.7, penalty 1.2).
+
+  python launch/sample.py --checkpoint WORKDIR_OR_CKPT --prompt "How do I ...?"
+  python launch/sample.py --checkpoint CKPT --prompts test.jsonl --output answers.jsonl
+  python launch/sample.py --checkpoint CKPT --format raw --greedy --prompt "The capital of France is"
+
+`--config FILE` is optional: the config saved in the checkpoint is used otherwise (overrides
+such as `--config.mesh.tensor=2` need `--config`). `--checkpoint` takes one step folder, a
+checkpoint root (its latest step) or a training work dir.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "config file (optional: read from the checkpoint)")
+flags.DEFINE_string("checkpoint", None, "checkpoint step, checkpoint root or training work dir", required=True)
+flags.DEFINE_string("prompt", None, "one user message (answered with streaming output)")
+flags.DEFINE_multi_string("turn", [], "earlier turns of a multi-turn conversation, in order, before --prompt")
+flags.DEFINE_string("prompts", None, "LIMA-format jsonl file to answer")
+flags.DEFINE_string("output", None, "answers jsonl (with --prompts)")
+flags.DEFINE_enum("format", "lima", ["lima", "raw"], "lima: BOS + turns + EOT as in training; raw: BOS + text")
+flags.DEFINE_bool("greedy", False, "argmax decoding (the repetition penalty still applies)")
+flags.DEFINE_integer("max_new_tokens", 2048, "answer length limit")
+flags.DEFINE_float("temperature", 0.7, "")
+flags.DEFINE_float("top_p", 0.9, "")
+flags.DEFINE_integer("top_k", 0, "0 = off")
+flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
+flags.DEFINE_bool("penalize_prompt", False, "count prompt tokens as seen for the repetition penalty (HF style)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_integer("batch_size", 8, "prompts per batch with --prompts")
+flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: config.data.tokenizer_path)")
+flags.DEFINE_bool("stream", True, "print tokens as they come (with --prompt)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
+    from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.sampler import answer_file, load_sampler
+
+    if (FLAGS.prompt is None) == (FLAGS.prompts is None):
+        raise app.UsageError("give exactly one of --prompt or --prompts")
+    if FLAGS.prompts and not FLAGS.output:
+        raise app.UsageError("--prompts needs --output")
+    settings = SamplingSettings(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                                repetition_penalty=FLAGS.repetition_penalty, penalize_prompt=FLAGS.penalize_prompt,
+                                greedy=FLAGS.greedy, max_new_tokens=FLAGS.max_new_tokens)
+    sampler, _ = load_sampler(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer)
+    if FLAGS.prompts:
+        summary = answer_file(sampler, FLAGS.prompts, FLAGS.output, settings, FLAGS.batch_size, FLAGS.seed,
+                              FLAGS.format)
+        print(f"{summary['prompts']} answers -> {FLAGS.output} ({summary['answer_tokens']} tokens, "
+              f"{summary['tokens_per_second']:.1f} tokens/s)")
+        return
+    stream = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if FLAGS.stream else None
+    out = sampler.answer(FLAGS.turn + [FLAGS.prompt], settings, FLAGS.seed, FLAGS.format, stream=stream)
+    if not FLAGS.stream:
+        sys.stdout.write(out["answer"])
+    print(f"\n[{out['prompt_tokens']} prompt tokens, {out['answer_tokens']} answer tokens, "
+          f"{'stopped' if out['stopped'] else 'hit max_new_tokens'}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

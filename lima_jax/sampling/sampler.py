@@ -1,0 +1,227 @@
+"""Host side of sampling: load a checkpoint onto a mesh, format prompts as in training, batch
+them (padding to few shapes so few compilations), answer a LIMA jsonl file, stream tokens.
+
+The prompt format is lima_jax.data.format's (BOS, each turn + EOT), so a fine-tuned model
+sees exactly what it was taught; `fmt="raw"` feeds the text as-is after BOS, for base models.
+LIMA answers end with EOT; raw continuations end with EOS (both stop every format).
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from lima_jax.model import ModelConfig
+from lima_jax.sampling.generate import generate
+from lima_jax.sampling.transforms import SamplingSettings
+from lima_jax.sharding import logical_to_spec
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("lima", "raw")
+PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one compilation per bucket
+
+
+@dataclasses.dataclass
+class Sampler:
+    """A model ready to answer: config, params (placed on `mesh`), tokenizer.
+
+    `tokenizer` needs `encode(text) -> ids` (no BOS), `decode(ids) -> text`, `bos_id`, `eos_id`,
+    `eot_id` (lima_jax.data.tokenizer.Tokenizer has them)."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: object
+    mesh: Mesh | None = None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({int(self.tokenizer.eot_id), int(self.tokenizer.eos_id)}))
+
+    def prompt_ids(self, turns: str | Sequence[str], fmt: str = "lima") -> list[int]:
+        """Token ids of a prompt: a user message, or a conversation ending with a user turn."""
+        turns = [turns] if isinstance(turns, str) else list(turns)
+        if fmt == "lima":
+            from lima_jax.data.format import format_prompt
+            return format_prompt(turns, self.tokenizer)
+        if fmt == "raw":
+            return [self.tokenizer.bos_id] + self.tokenizer.encode("\n".join(turns))
+        raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
+
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        spec = logical_to_spec(("batch",), self.mesh.axis_names)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seed: int = 0,
+                     row_ids: Sequence[int] | None = None,
+                     on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[dict]:
+        """Answer token ids for a batch of prompt ids: [{"ids", "stopped"}] per prompt.
+
+        `row_ids` (default 0..n-1) pick each prompt's random stream, so with the same seed a
+        prompt gets the same answer whatever batch it is in. `on_token(step, tokens [B])` is
+        called from the device loop as tokens come (streaming)."""
+        n = len(prompts)
+        row_ids = list(range(n)) if row_ids is None else list(row_ids)
+        longest = max(len(p) for p in prompts)
+        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        if longest + settings.max_new_tokens > self.cfg.max_seq_len:
+            log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_len=%d: positions "
+                        "beyond it were never trained", longest, settings.max_new_tokens, self.cfg.max_seq_len)
+        rows = -(-n // self._batch_multiple()) * self._batch_multiple()
+        tokens = np.zeros((rows, width), np.int32)
+        lengths = np.ones(rows, np.int32)  # filler rows: one token
+        ids = np.zeros(rows, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+            ids[i] = row_ids[i]
+        args = (tokens, lengths, ids)
+        if self.mesh is not None:
+            shard = lambda a: jax.device_put(a, NamedSharding(  # noqa: E731
+                self.mesh, logical_to_spec(("batch", "length")[:a.ndim], self.mesh.axis_names)))
+            args = tuple(shard(a) for a in args)
+        callback = None
+        if on_token is not None:
+            callback = _StreamCallback(on_token, n)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+            out = generate(self.cfg, settings, self.params, args[0], args[1], jax.random.key(seed),
+                           row_ids=args[2], stop_ids=self.stop_ids, on_token=callback)
+        out = jax.device_get(out)
+        return [dict(ids=out["tokens"][i, :out["lengths"][i]].tolist(), stopped=bool(out["stopped"][i]))
+                for i in range(n)]
+
+    def answer(self, turns: str | Sequence[str], settings: SamplingSettings = SamplingSettings(), seed: int = 0,
+               fmt: str = "lima", stream: Callable[[str], None] | None = None) -> dict:
+        """One prompt -> {"answer", "prompt_tokens", "answer_tokens", "stopped"}; `stream(text)` gets
+        each new piece of text as it is decoded."""
+        ids = self.prompt_ids(turns, fmt)
+        on_token = None
+        if stream is not None:
+            on_token = _TextStream(self.tokenizer, stream, self.stop_ids)
+        [out] = self.generate_ids([ids], settings, seed, on_token=on_token)
+        return dict(answer=self.tokenizer.decode(out["ids"]), prompt_tokens=len(ids),
+                    answer_tokens=len(out["ids"]), stopped=out["stopped"])
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StreamCallback:
+    """Hashable by identity (a static argument of the jitted loop); trims filler rows."""
+    fn: Callable
+    rows: int
+
+    def __call__(self, step, tokens):
+        self.fn(int(step), np.asarray(tokens)[: self.rows])
+
+
+class _TextStream:
+    """Decode the growing answer of row 0 and emit only the new text (SentencePiece joins pieces
+    with context, so the whole answer is decoded each time and the new suffix printed)."""
+
+    def __init__(self, tokenizer, emit, stop_ids):
+        self.tokenizer, self.emit, self.stop_ids = tokenizer, emit, set(stop_ids)
+        self.ids, self.text, self.done = [], "", False
+
+    def __call__(self, step, tokens):
+        token = int(tokens[0])
+        if self.done or token in self.stop_ids:
+            self.done = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.text):
+            self.emit(text[len(self.text):])
+            self.text = text
+
+
+def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings: SamplingSettings = SamplingSettings(),
+                batch_size: int = 8, seed: int = 0, fmt: str = "lima", progress: bool = True) -> dict:
+    """Answer every line of a LIMA-format jsonl file (`{"conversations": [user, ...]}`, ending
+    with a user turn), `batch_size` prompts at a time (shortest first, so rows in a batch pad
+    little); write one JSON line per prompt, in file order, with the prompt, the answer, token
+    counts and the settings. Returns a summary (counts, tokens/s)."""
+    from tqdm import tqdm
+
+    from lima_jax.data.format import read_conversations
+
+    records = read_conversations(prompts_path)
+    prompts = [sampler.prompt_ids(turns, fmt) for _, turns in records]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    results: dict[int, dict] = {}
+    started, new_tokens = time.time(), 0
+    with tqdm(total=len(records), disable=not progress, unit="prompt", desc="answering") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            outs = sampler.generate_ids([prompts[i] for i in chunk], settings, seed, row_ids=chunk)
+            for i, out in zip(chunk, outs):
+                results[i] = out
+                new_tokens += len(out["ids"])
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.time() - started):.1f}")
+    meta = dict(settings.as_dict(), seed=seed, format=fmt, stop_ids=list(sampler.stop_ids))
+    from etils import epath
+    lines = []
+    for i, (line_no, turns) in enumerate(records):
+        out = results[i]
+        lines.append(json.dumps(dict(
+            line=line_no, conversations=list(turns), prompt=turns[-1], answer=sampler.tokenizer.decode(out["ids"]),
+            prompt_tokens=len(prompts[i]), answer_tokens=len(out["ids"]), stopped=out["stopped"], settings=meta),
+            ensure_ascii=False))
+    epath.Path(output_path).write_text("\n".join(lines) + "\n")
+    seconds = time.time() - started
+    return dict(prompts=len(records), answer_tokens=new_tokens, seconds=seconds,
+                tokens_per_second=new_tokens / max(seconds, 1e-9))
+
+
+def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None = None, mesh_overrides: dict | None = None
+                 ) -> tuple[Sampler, object]:
+    """(Sampler, effective ml-collections config) from a checkpoint step, checkpoint root or
+    training work dir. Without `config`, the one saved in the checkpoint's meta is used
+    (`meta["config"]`, or else `meta["model"]` over the base config). The tokenizer is
+    `tokenizer_path`, else `config.data.tokenizer_path` (empty: the demo tokenizer)."""
+    import ml_collections
+
+    from lima_jax import checkpoint
+    from lima_jax.config import base_config, model_config
+    from lima_jax.data.tokenizer import load_tokenizer
+    from lima_jax.model import abstract_params, param_logical_axes
+    from lima_jax.sharding import make_mesh, named_shardings
+
+    if config is None:
+        meta = checkpoint.read_meta(checkpoint_path)
+        if "config" in meta:
+            config = ml_collections.ConfigDict(meta["config"])
+        elif "model" in meta:
+            config = base_config()
+            config.model.update(meta["model"])
+        else:
+            raise ValueError(f"{checkpoint_path}: its meta has neither 'config' nor 'model'; pass --config")
+    if mesh_overrides:
+        config.mesh.update(mesh_overrides)
+    cfg = dataclasses.replace(model_config(config), remat_policy="none")  # no gradients here
+    tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else config.data.get("tokenizer_path", ""))
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids (pieces + EOT) but config.model.vocab_size "
+                         f"is {cfg.vocab_size}")
+    mesh = make_mesh(config.mesh)
+    shardings = named_shardings(param_logical_axes(cfg), mesh)
+    params = checkpoint.restore_params(checkpoint_path, abstract_params(cfg), shardings)
+    return Sampler(cfg, params, tokenizer, mesh), config
+
