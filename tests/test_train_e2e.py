@@ -1,0 +1,178 @@
+"""The tiny LIMA run end to end on 8 emulated CPU devices: it learns, it resumes exactly after
+SIGKILL, it stops cleanly on SIGTERM and on a non-finite loss, and 2 processes x 4 devices
+give the losses of 1 process x 8 devices. References are independent runs, never the code's
+own numbers."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def env(devices=8):
+    e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return e
+
+
+def launch(workdir, cache, *overrides, devices=8, extra=()):
+    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+           "--workdir", str(workdir), "--config.train.sample_dev_prompts=0",
+           f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
+           *overrides, *extra]
+    return subprocess.Popen(cmd, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+
+
+def finish(proc, timeout=400):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(workdir):
+    """step -> train loss, the last row written for a step (a resumed run rewrites its steps)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_params(workdir):
+    import jax  # noqa: F401 (8 CPU devices from conftest)
+    from lima_jax import checkpoint as ckpt
+    from lima_jax.config import model_config
+    from lima_jax.model import abstract_params
+
+    meta = ckpt.read_meta(workdir)
+    import ml_collections
+
+    cfg = model_config(ml_collections.ConfigDict(meta["config"]))
+    abstract = abstract_params(cfg)
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = ckpt.restore_params(workdir, abstract, jax.tree.map(lambda _: device, abstract))
+    return meta["step"], jax.tree.map(np.asarray, params)
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - start < timeout
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    finish(launch(workdir, cache))
+    return workdir
+
+
+def test_tiny_run_overfits_the_demo_data(uninterrupted):
+    loss = losses(uninterrupted)
+    steps = sorted(loss)
+    first, last = loss[steps[0]], np.mean([loss[s] for s in steps[-4:]])
+    assert first > 5.5  # ~ln(512) at random init
+    assert last < first / 2.5, (first, last)
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    dev = [r["dev_loss"] for r in rows if "dev_loss" in r]
+    assert len(dev) == 15 and dev[-1] < dev[0] / 2.5
+    assert {"learning_rate", "grad_norm", "tokens_per_s", "step_time"} <= set(rows[0])
+    assert (uninterrupted / "config.json").is_file() and list((uninterrupted / "tensorboard").iterdir())
+
+
+def test_resume_after_sigkill_and_sigterm_is_exact(tmp_path, cache, uninterrupted):
+    workdir = tmp_path / "interrupted"
+    ckpts = workdir / "checkpoints"
+    # 1) SIGKILL as soon as the first checkpoint is complete (no chance to clean up).
+    proc = launch(workdir, cache)
+    wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), proc)
+    proc.kill()
+    proc.wait()
+    # 2) Resume, then SIGTERM mid-run: a clean exit with a complete checkpoint of that step.
+    proc = launch(workdir, cache)
+    resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    wait_for(lambda: max(losses(workdir), default=0) >= resumed_from + 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "signal 15: saving step" in out
+    saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert saved > resumed_from and not [p for p in ckpts.iterdir() if "tmp" in p.name]
+    # 3) Resume to the end: bitwise the parameters and the losses of the uninterrupted run.
+    finish(launch(workdir, cache))
+    step_a, params_a = final_params(uninterrupted)
+    step_b, params_b = final_params(workdir)
+    assert step_a == step_b
+    for a, b in zip(*(map(np.ravel, jax_leaves(p)) for p in (params_a, params_b))):
+        np.testing.assert_array_equal(a, b)
+    assert losses(workdir) == losses(uninterrupted)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path, cache, uninterrupted):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "multi"
+    procs = [launch(workdir, cache, "--config.train.max_steps=4", devices=4,
+                    extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"))
+             for i in range(2)]
+    for p in procs:
+        finish(p)
+    multi, single = losses(workdir), losses(uninterrupted)
+    assert sorted(multi) == [1, 2, 3, 4]
+    np.testing.assert_allclose([multi[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], rtol=2e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import ml_collections  # noqa: F401
+    from lima_jax.data import pipeline
+    from lima_jax.train import loop
+    from tests.test_train_e2e import tiny_config
+
+    calls = {"n": 0}
+    real = pipeline.global_batch
+
+    def poisoned(batch, mesh):  # step 6's data is corrupt
+        calls["n"] += 1
+        if calls["n"] == 6:
+            batch = dict(batch, loss_weights=batch["loss_weights"] * np.nan)
+        return real(batch, mesh)
+
+    monkeypatch.setattr(pipeline, "global_batch", poisoned)
+    config = tiny_config(epochs=3, checkpoint_every_steps=4)
+    with pytest.raises(loop.NonFiniteLoss, match="at step 6"):
+        loop.train(config, tmp_path)
+    ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == 5  # epoch 2 ends at step 5: the last good checkpoint, nothing saved after
+
+
+def tiny_config(**train):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.update(sample_dev_prompts=0, eval_every_epoch=False, async_checkpointing=False, **train)
+    return config
