@@ -53,8 +53,9 @@ def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts
 
     prompts [B, P] int32, prompt_lengths [B] (>= 1), key: a PRNG key (unused when greedy),
     row_ids [B]: per-row stream ids for sampling (default 0..B-1).
-    on_token: None, or a hashable host callable `(step, tokens [B])` called in order as each
-    step's tokens are picked (streaming; a no-op cost when None).
+    on_token: None, or a hashable host callable `(step, tokens [B])` called as each step's
+    tokens are picked (streaming; unordered, as ordered effects need one device: see
+    sampler._StreamCallback for putting steps back in order).
     Returns {"tokens": [B, N] int32 (0 after a row stopped), "lengths": [B] answer tokens
     before the stop token, "stopped": [B] bool (emitted a stop token), "steps": loop steps}.
     """
@@ -86,7 +87,7 @@ def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts
     done = jnp.isin(token, stops)
     seen = seen.at[rows, token].set(True)
     if on_token is not None:
-        jax.debug.callback(on_token, 0, token, ordered=True)
+        jax.debug.callback(on_token, 0, token)
 
     # ---- decode: one token per row per step ----
     def cond(state):
@@ -102,7 +103,7 @@ def generate(cfg: ModelConfig, settings: SamplingSettings, params: dict, prompts
         new = jnp.where(done, 0, new)
         out = out.at[:, t].set(new)
         if on_token is not None:
-            jax.debug.callback(on_token, t, new, ordered=True)
+            jax.debug.callback(on_token, t, new)
         seen = seen.at[rows, new].max(~done)
         done = done | jnp.isin(new, stops)
         return t + 1, constrain_cache(cache), new, out, done, seen

@@ -121,14 +121,21 @@ class _nullcontext:
         return False
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class _StreamCallback:
-    """Hashable by identity (a static argument of the jitted loop); trims filler rows."""
-    fn: Callable
-    rows: int
+    """Hashable by identity (a static argument of the jitted loop). Ordered callbacks are not
+    allowed on several devices, so steps may arrive out of order (or twice): they are held
+    back and passed on in step order, once each. Filler rows are trimmed."""
+
+    def __init__(self, fn: Callable, rows: int):
+        self.fn, self.rows, self.next, self.pending = fn, rows, 0, {}
 
     def __call__(self, step, tokens):
-        self.fn(int(step), np.asarray(tokens)[: self.rows])
+        step = int(step)
+        if step >= self.next:
+            self.pending[step] = np.asarray(tokens)[: self.rows]
+        while self.next in self.pending:
+            self.fn(self.next, self.pending.pop(self.next))
+            self.next += 1
 
 
 class _TextStream:
