@@ -1,0 +1,47 @@
+"""launch/aot_check.py compiles the real train step for TPU topologies on this CPU machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lima_jax.aot import parse_topology
+from tests.conftest import ROOT
+
+pytest.importorskip("libtpu")
+
+
+def run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "aot_check.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_slice_names_map_to_cloud_tpu_shapes():
+    assert parse_topology("v4-8")[1:] == (4, "2x2x1")
+    assert parse_topology("v4-256")[1:] == (128, "4x4x8")
+    assert parse_topology("v5p-128")[1:] == (64, "4x4x4")
+    assert parse_topology("v5e-16")[1:] == (16, "4x4")
+    with pytest.raises(ValueError, match="v4-N"):
+        parse_topology("v4_8")
+
+
+def test_tiny_fits_a_small_slice_and_reports_memory(tmp_path):
+    out = tmp_path / "report.json"
+    r = run("--config", "configs/tiny.py", "--topology", "v5e-4", f"--json={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "verdict: FITS" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert 0 < report["total_gib"] < report["hbm_gib"] == 16
+    assert report["compiler_flops_per_device"] > 0
+
+
+def test_oversized_config_is_reported_as_not_fitting():
+    # LLaMA-7B with full fine-tuning state on one 16 GiB v5e chip cannot fit (params+Adam ~ 80 GiB).
+    r = run("--config", "configs/llama7b.py", "--topology", "v5e-1", "--config.model.n_layers=4")
+    assert r.returncode != 0
+    assert "DOES NOT FIT" in r.stdout + r.stderr
