@@ -80,7 +80,7 @@ def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
 
 def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overwrite: bool = False,
-                          chunk_bytes: int = 256 << 20) -> epath.Path:
+                          chunk_bytes: int = 32 << 20, compress: bool = False) -> epath.Path:
     """Write a params-only checkpoint one parameter group at a time; the same layout as `save_params`.
 
     `groups` yields `(path, array)` pairs (path: a tuple of keys into the params dict, array: a
@@ -90,7 +90,8 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     manifest. That pytree becomes the step's `params` item, next to a `meta` JSON item and the
     v0 `_CHECKPOINT_METADATA` naming the same handlers as `save_params`, so `restore_params`
     reads it with `StandardRestore` straight into target shardings. Arrays are chunked to at
-    most `chunk_bytes`, so a host restoring a shard reads about that shard's bytes only.
+    most `chunk_bytes`, so a host restoring a shard reads about that shard's bytes only and
+    the writer's encode buffers stay small (host memory ~ one group + a few chunks).
 
     Atomic: everything is written under `<directory>.tmp-convert` and renamed to `directory`
     only when complete. An existing `directory` is refused unless `overwrite`.
@@ -111,6 +112,10 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     step_dir = tmp / str(step)
     ctx = ocp1.Context()
     ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
+    ctx.array.saving.use_compression = compress  # weights barely compress; zstd costs time and buffers
+    # Each save below blocks until written and nothing mutates the array meanwhile, so Orbax's
+    # defensive host copy (a second copy of the whole group) is not needed.
+    ctx.memory.deepcopy_host_arrays = False
     try:
         with ctx:
             for path, array in groups:

@@ -48,27 +48,52 @@ def target_config(arch: dict, *, config: ModelConfig | None = None, add_eot: boo
 
 
 def iter_groups(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | None = None):
-    """Yield (params path, our stacked array in cfg.param_dtype) for every LAYOUT entry."""
+    """Yield (params path, our stacked array in cfg.param_dtype) for every LAYOUT entry.
+
+    Host memory: one group, plus one layer's temporaries. Source files are reopened for every
+    tensor, so memory-mapped pages read earlier are released rather than piling up in RSS."""
     abstract = abstract_params(cfg)
     dtype = np.dtype(cfg.weight_dtype)
+
+    def read(entry, i):
+        with source.opened():
+            w = source.read(entry, i)
+        if stats is not None:
+            stats["bytes_read"] = stats.get("bytes_read", 0) + w.nbytes
+        return w
+
     for entry in LAYOUT:
         spec = get_path(abstract, entry.path)
-        out = np.empty(spec.shape, dtype)
-        with source.opened():
-            for i in entry.layers(cfg):
-                w = source.read(entry, i)
-                if stats is not None:
-                    stats["bytes_read"] = stats.get("bytes_read", 0) + w.nbytes
-                if entry.vocab_rows:
-                    w = grow_vocab(w, cfg.vocab_size - source_vocab)
-                w = entry.to_ours(w, cfg).astype(dtype, copy=False)
-                if i is None:
-                    out[...] = w
-                else:
-                    out[i] = w
+        if not entry.per_layer:
+            w = read(entry, None)
+            if entry.vocab_rows:  # grow (EOT) and pad in one preallocated buffer, then our layout
+                rows = np.zeros((cfg.padded_vocab_size, w.shape[1]), dtype)
+                rows[:source_vocab] = w
+                if cfg.vocab_size > source_vocab:
+                    rows[source_vocab:cfg.vocab_size] = grow_vocab(w, cfg.vocab_size - source_vocab)[source_vocab:]
                 del w
+                w = rows
+            out = entry.to_ours(w, cfg).astype(dtype, copy=False)  # lm_head: a transposed view, no copy
+            del w
+        else:
+            out = np.empty(spec.shape, dtype)
+            for i in entry.layers(cfg):
+                out[i] = entry.to_ours(read(entry, i), cfg)
+        assert out.shape == spec.shape, (entry.path, out.shape, spec.shape)
         yield entry.path, out
         del out
+        _return_freed_memory()
+
+
+def _return_freed_memory():
+    """Hand freed heap pages back to the OS between groups (glibc keeps the per-thread arenas
+    that tensorstore's writer threads used otherwise, and RSS creeps up group by group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | None = None, add_eot: bool = False,
