@@ -176,18 +176,24 @@ def evaluate(eval_step, params, dev_batches, mesh) -> dict:
 
 
 def sample_dev_answers(config, model_cfg, params, data, mesh, workdir, step, epoch):
-    """Answers to the first few dev prompts, next to the epoch's checkpoint, for side-by-side reading."""
+    """Answers to the first few dev prompts with LIMA's decoding, written next to the epoch's
+    checkpoint so a person can read epochs 5-10 side by side."""
     n = config.train.sample_dev_prompts
     if n <= 0:
         return
-    from lima_jax import sampling  # the sampler is optional for training
+    from lima_jax.sampling.sampler import Sampler  # sampling is optional for training
+    from lima_jax.sampling.transforms import SamplingSettings
 
-    answers = sampling.answer(model_cfg, params, data.tokenizer, data.dev_prompts[:n], mesh=mesh,
-                              max_new_tokens=config.train.sample_max_new_tokens, seed=config.seed)
+    sampler = Sampler(model_cfg, params, data.tokenizer, mesh)
+    prompts = pipeline.dev_prompts(data, n)
+    outs = sampler.generate_ids([sampler.prompt_ids(p) for p in prompts],
+                                SamplingSettings(max_new_tokens=config.train.sample_max_new_tokens), seed=config.seed)
     if jax.process_index() == 0:
         out = workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(a) + "\n" for a in answers))
+        out.write_text("".join(json.dumps(dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
+                                               answer_tokens=len(o["ids"]), stopped=o["stopped"])) + "\n"
+                               for p, o in zip(prompts, outs)))
 
 
 def progress_bar(start, total):
