@@ -13,13 +13,25 @@ import transformers
 from lima_jax.model import bind, param_logical_axes
 from lima_jax.sampling import SamplingSettings, generate, next_token, repetition_penalty, temperature, top_k, top_p
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
-from tests.test_model import GQA, MHA, hf_model, hf_params
+from tests.test_model import GQA, MHA, hf_params
+from tests.test_model import hf_model as hf_model_small_init
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 LENGTHS = [3, 11, 6, 8]
 NEW = 10
 GREEDY = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=NEW)
+
+
+def hf_model(cfg, seed=0):
+    """HF's init (std 0.02) gives near-uniform attention, which hides position and cache-slot
+    mistakes from a greedy comparison; larger q/k weights make attention sharp."""
+    model = hf_model_small_init(cfg, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8.0)
+    return model
 
 
 def prompts_for(cfg, lengths=LENGTHS, seed=0):

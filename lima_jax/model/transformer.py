@@ -103,7 +103,21 @@ class Llama(nnx.Module):
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         xs = (stacked, rates, jnp.arange(n), layer_caches)
-        if cfg.scan_layers:
+        if cfg.scan_layers and cache is not None:
+            # Decode: the whole cache rides in the carry and each layer updates its slice in
+            # place; as scan xs/ys it would be copied whole at every step.
+            def carry_layer(carry, xs):
+                x, ck, cv = carry
+                params, rate, index = xs
+                layer_cache = (jax.lax.dynamic_index_in_dim(ck, index, 0, keepdims=False),
+                               jax.lax.dynamic_index_in_dim(cv, index, 0, keepdims=False))
+                x, (k_l, v_l) = layer(x, (params, rate, index, layer_cache))
+                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, index, 0)
+                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, index, 0)
+                return (x, ck, cv), None
+            (x, ck, cv), _ = jax.lax.scan(carry_layer, (x, *layer_caches), (stacked, rates, jnp.arange(n)))
+            new_caches = (ck, cv)
+        elif cfg.scan_layers:
             x, new_caches = jax.lax.scan(layer, x, xs)
         else:  # unrolled: a little faster on CPU for small models, compile time grows with depth
             outs = []
