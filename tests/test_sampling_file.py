@@ -4,7 +4,6 @@ answering a jsonl file in batches (answers do not depend on the batch), streamin
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from lima_jax import checkpoint

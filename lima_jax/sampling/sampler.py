@@ -6,6 +6,7 @@ sees exactly what it was taught; `fmt="raw"` feeds the text as-is after BOS, for
 LIMA answers end with EOT; raw continuations end with EOS (both stop every format).
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,7 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -93,7 +93,7 @@ class Sampler:
         callback = None
         if on_token is not None:
             callback = _StreamCallback(on_token, n)
-        with jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext():
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out = generate(self.cfg, settings, self.params, args[0], args[1], jax.random.key(seed),
                            row_ids=args[2], stop_ids=self.stop_ids, on_token=callback)
         out = jax.device_get(out)
@@ -111,14 +111,6 @@ class Sampler:
         [out] = self.generate_ids([ids], settings, seed, on_token=on_token)
         return dict(answer=self.tokenizer.decode(out["ids"]), prompt_tokens=len(ids),
                     answer_tokens=len(out["ids"]), stopped=out["stopped"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _StreamCallback:
