@@ -76,3 +76,18 @@ def test_optimizer_state_follows_parameter_shardings():
     adam = shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     assert adam.mu["layers"]["attn"]["wq"] == shardings.params["layers"]["attn"]["wq"]
     assert adam.count.spec == jax.sharding.PartitionSpec()
+
+
+def test_lima_step_count_for_1000_examples_15_epochs_32_per_step(shared_dir):
+    """The paper's recipe: 1,000 examples x 15 epochs / 32 per step = ~469 optimizer steps."""
+    from lima_jax.data import pipeline
+
+    config = base_config()
+    config.data.update(train_path=str(shared_dir / "lima" / "train.jsonl"),
+                       tokenizer_path=str(shared_dir / "llama" / "tokenizer.model"), dev_size=0, examples_per_step=32)
+    data = pipeline.load_data(config.data, seed=0)
+    plan = pipeline.make_plan(data, config.data, epochs=15)
+    assert len(data.train) == 1000
+    assert abs(plan.total_steps - 469) <= 0.05 * 469, plan.total_steps
+    schedule = learning_rate_schedule(config.optimizer, plan.total_steps)
+    np.testing.assert_allclose([float(schedule(0)), float(schedule(plan.total_steps - 1))], [1e-5, 1e-6], rtol=1e-6)

@@ -87,6 +87,7 @@ def train(config, workdir) -> TrainState:
                 if 0 < config.train.max_steps <= step:
                     break
                 batch = pipeline.global_batch(next(train_iter), mesh)
+                profile(config.train.profile_steps, step, workdir)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = train_step(state, batch, dropout_key)
                 pending.append(metrics)
@@ -194,6 +195,14 @@ def sample_dev_answers(config, model_cfg, params, data, mesh, workdir, step, epo
         out.write_text("".join(json.dumps(dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
                                                answer_tokens=len(o["ids"]), stopped=o["stopped"])) + "\n"
                                for p, o in zip(prompts, outs)))
+
+
+def profile(profile_steps, step, workdir):
+    """A JAX profiler trace of steps [first, last) into WORKDIR/profile (TensorBoard's profile tab)."""
+    if len(profile_steps) == 2 and step == profile_steps[0]:
+        jax.profiler.start_trace(str(workdir / "profile"))
+    elif len(profile_steps) == 2 and step == profile_steps[1]:
+        jax.profiler.stop_trace()
 
 
 def progress_bar(start, total):
