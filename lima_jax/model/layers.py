@@ -40,10 +40,10 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
-    """(sin, cos), each [batch, seq, 1, head_dim / 2] in float32, for integer `positions`."""
+    """(sin, cos), each [batch, 1, seq, head_dim / 2] in float32, for integer `positions`."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    return jnp.sin(angles)[:, None], jnp.cos(angles)[:, None]
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -52,7 +52,12 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped-query support (n_kv_heads <= n_heads)."""
+    """Multi-head attention with grouped-query support (n_kv_heads <= n_heads).
+
+    Queries, keys and values are produced head-major, [B, heads, S, head_dim], straight from
+    the projection einsum: the attention einsums then need no transposes (on XLA:CPU the
+    [B, S, H, D] layout costs a physical transpose per einsum, see notes), and the KV cache
+    is stored in the same layout, so a decode step reads it in place."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -65,26 +70,27 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, mask, cache=None, cache_index=None):
         """x [B, S, D] -> [B, S, D]; `mask` [B, S, T] is shared by all layers (see Llama).
 
-        With `cache` ((k, v), each [B, T, KV, D]) the S new keys and values are first written
+        With `cache` ((k, v), each [B, KV, T, D]) the S new keys and values are first written
         at slot `cache_index` [B] of each row, and the queries attend over the whole cache.
         """
         dt = self.cfg.compute_dtype
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
-        q = constrain(apply_rope(q, *rope), "batch", "length", "act_heads", None)
-        k = constrain(apply_rope(k, *rope), "batch", "length", "act_kv_heads", None)
-        v = constrain(v, "batch", "length", "act_kv_heads", None)
+        q = jnp.einsum("bsd,dhk->bhsk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bsd,dhk->bhsk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bsd,dhk->bhsk", x, self.wv[...].astype(dt))
+        q = constrain(apply_rope(q, *rope), "batch", "act_heads", "length", None)
+        k = constrain(apply_rope(k, *rope), "batch", "act_kv_heads", "length", None)
+        v = constrain(v, "batch", "act_kv_heads", "length", None)
         if cache is not None:
-            cache = tuple(write_rows(c, new.astype(c.dtype), cache_index) for c, new in zip(cache, (k, v)))
+            cache = tuple(write_rows(c, new.astype(c.dtype), cache_index, axis=1) for c, new in zip(cache, (k, v)))
             k, v = (c.astype(dt) for c in cache)
-        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "length", "act_heads", None)
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt)), cache
+        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "act_heads", "length", None)
+        return jnp.einsum("bhsk,hkd->bsd", out, self.wo[...].astype(dt)), cache
 
 
-def write_rows(buffer, new, index):
-    """buffer [B, T, ...] with new [B, S, ...] written at slot index[b] of each row b."""
-    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=0))(buffer, new, index)
+def write_rows(buffer, new, index, axis: int = 0):
+    """new [B, ...] written into buffer [B, ...] at offset index[b] along `axis` of each row b
+    (axis counts within a row: the slot axis is 0 for [B, T], 1 for [B, KV, T, D])."""
+    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=axis))(buffer, new, index)
 
 
 class MLP(nnx.Module):

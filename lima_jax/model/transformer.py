@@ -68,7 +68,7 @@ class Llama(nnx.Module):
         tokens, positions, segment_ids: [B, S] int32. Packed rows restart `positions` at 0 for
         each example and give each example its own segment id; id 0 marks padding. Tokens
         attend causally within their own segment only.
-        cache: None for training, else {"k", "v": [L, B, T, KV, D], "segment_ids": [B, T]}
+        cache: None for training, else {"k", "v": [L, B, KV, T, D], "segment_ids": [B, T]}
         with the S new tokens written at slot `cache_index` [B] of each row (see sampling).
         dropout_key: None for eval (no dropout).
         """
@@ -102,11 +102,17 @@ class Llama(nnx.Module):
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        xs = (stacked, rates, jnp.arange(n), layer_caches)
-        if cfg.scan_layers and cache is not None:
-            # Decode: the whole cache rides in the carry and each layer updates its slice in
+        if cache is None:
+            xs = (stacked, rates, jnp.arange(n), None)
+            if cfg.scan_layers:
+                x, _ = jax.lax.scan(layer, x, xs)
+            else:  # unrolled: a little faster on CPU for small models; compile time grows with depth
+                for i in range(n):
+                    x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
+        else:
+            # Decode: the whole cache rides along and each layer updates its own slice in
             # place; as scan xs/ys it would be copied whole at every step.
-            def carry_layer(carry, xs):
+            def cached_layer(carry, xs):
                 x, ck, cv = carry
                 params, rate, index = xs
                 layer_cache = (jax.lax.dynamic_index_in_dim(ck, index, 0, keepdims=False),
@@ -115,21 +121,19 @@ class Llama(nnx.Module):
                 ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, index, 0)
                 cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, index, 0)
                 return (x, ck, cv), None
-            (x, ck, cv), _ = jax.lax.scan(carry_layer, (x, *layer_caches), (stacked, rates, jnp.arange(n)))
-            new_caches = (ck, cv)
-        elif cfg.scan_layers:
-            x, new_caches = jax.lax.scan(layer, x, xs)
-        else:  # unrolled: a little faster on CPU for small models, compile time grows with depth
-            outs = []
-            for i in range(n):
-                x, out = layer(x, jax.tree.map(lambda a: a[i], xs))
-                outs.append(out)
-            new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+            carry = (x, *layer_caches)
+            if cfg.scan_layers:
+                carry, _ = jax.lax.scan(cached_layer, carry, (stacked, rates, jnp.arange(n)))
+            else:
+                for i in range(n):
+                    carry, _ = cached_layer(carry, jax.tree.map(lambda a: a[i], (stacked, rates, jnp.arange(n))))
+            x, *layer_caches = carry
 
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, {"k": new_caches[0], "v": new_caches[1], "segment_ids": k_segments}
+        return x, {"k": layer_caches[0], "v": layer_caches[1], "segment_ids": k_segments}
 
     def logits(self, hidden):
         """[..., D] -> [..., padded vocab] in float32; padding rows of the vocab get -inf-like."""

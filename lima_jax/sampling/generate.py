@@ -25,7 +25,7 @@ from lima_jax.model import ModelConfig, bind
 from lima_jax.sampling.transforms import SamplingSettings, next_token
 from lima_jax.sharding import constrain
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 
 
 def cache_logical_axes() -> dict:
@@ -34,7 +34,7 @@ def cache_logical_axes() -> dict:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """An empty cache (segment 0 everywhere: nothing attendable), constrained to the cache axes."""
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)  # head-major, as the model
     dtype = dtype or cfg.compute_dtype
     return constrain_cache({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                             "segment_ids": jnp.zeros((batch, length), jnp.int32)})
