@@ -70,8 +70,10 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, mask, cache=None, cache_index=None):
         """x [B, S, D] -> [B, S, D]; `mask` [B, S, T] is shared by all layers (see Llama).
 
-        With `cache` ((k, v), each [B, KV, T, D]) the S new keys and values are first written
-        at slot `cache_index` [B] of each row, and the queries attend over the whole cache.
+        With `cache` = (k, v, layer), k and v the whole cache [L, B, KV, T, D], the S new keys
+        and values are written in place at (layer, row b, slot cache_index[b]) and the queries
+        attend over that layer's cache. Slicing the layer out first and writing it back would
+        copy the layer's whole cache three times per decoded token.
         """
         dt = self.cfg.compute_dtype
         q = jnp.einsum("bsd,dhk->bhsk", x, self.wq[...].astype(dt))
@@ -81,16 +83,25 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, *rope), "batch", "act_kv_heads", "length", None)
         v = constrain(v, "batch", "act_kv_heads", "length", None)
         if cache is not None:
-            cache = tuple(write_rows(c, new.astype(c.dtype), cache_index, axis=1) for c, new in zip(cache, (k, v)))
-            k, v = (c.astype(dt) for c in cache)
+            k_all, v_all, layer = cache
+            k_all, v_all = (write_layer_rows(c, new.astype(c.dtype), layer, cache_index) for c, new in ((k_all, k), (v_all, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(dt) for c in (k_all, v_all))
+            cache = (k_all, v_all, layer)
         out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "act_heads", "length", None)
         return jnp.einsum("bhsk,hkd->bsd", out, self.wo[...].astype(dt)), cache
 
 
-def write_rows(buffer, new, index, axis: int = 0):
-    """new [B, ...] written into buffer [B, ...] at offset index[b] along `axis` of each row b
-    (axis counts within a row: the slot axis is 0 for [B, T], 1 for [B, KV, T, D])."""
-    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=axis))(buffer, new, index)
+def write_rows(buffer, new, index):
+    """buffer [B, T, ...] with new [B, S, ...] written at slot index[b] of each row b."""
+    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=0))(buffer, new, index)
+
+
+def write_layer_rows(cache, new, layer, index):
+    """cache [L, B, KV, T, D] with new [B, KV, S, D] written at [layer, b, :, index[b] + s]: one
+    scatter into the carried buffer, which XLA updates in place."""
+    rows = jnp.arange(new.shape[0])[:, None]
+    slots = index[:, None] + jnp.arange(new.shape[2])[None, :]
+    return cache.at[layer, rows, :, slots].set(new.transpose(0, 2, 1, 3), mode="promise_in_bounds")
 
 
 class MLP(nnx.Module):

@@ -110,16 +110,12 @@ class Llama(nnx.Module):
                 for i in range(n):
                     x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
         else:
-            # Decode: the whole cache rides along and each layer updates its own slice in
-            # place; as scan xs/ys it would be copied whole at every step.
+            # Decode: the whole cache rides along in the carry and each layer writes its new
+            # keys/values in place; as scan xs/ys it would be copied whole at every step.
             def cached_layer(carry, xs):
                 x, ck, cv = carry
                 params, rate, index = xs
-                layer_cache = (jax.lax.dynamic_index_in_dim(ck, index, 0, keepdims=False),
-                               jax.lax.dynamic_index_in_dim(cv, index, 0, keepdims=False))
-                x, (k_l, v_l) = layer(x, (params, rate, index, layer_cache))
-                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, index, 0)
-                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, index, 0)
+                x, (ck, cv, _) = layer(x, (params, rate, index, (ck, cv, index)))
                 return (x, ck, cv), None
 
             carry = (x, *layer_caches)
