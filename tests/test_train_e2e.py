@@ -94,6 +94,10 @@ def test_tiny_run_overfits_the_demo_data(uninterrupted):
     assert len(dev) == 15 and dev[-1] < dev[0] / 2.5
     assert {"learning_rate", "grad_norm", "tokens_per_s", "step_time"} <= set(rows[0])
     assert (uninterrupted / "config.json").is_file() and list((uninterrupted / "tensorboard").iterdir())
+    # Kept: the ends of epochs 5-10 (LIMA's candidates) and the latest; the rest were deleted.
+    total = max(steps)
+    kept = sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({round(total * e / 15) for e in range(5, 11)} | {total})
 
 
 def test_resume_after_sigkill_and_sigterm_is_exact(tmp_path, cache, uninterrupted):
@@ -174,5 +178,34 @@ def tiny_config(**train):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.train.update(sample_dev_prompts=0, eval_every_epoch=False, async_checkpointing=False, **train)
+    config.train.update(**{**dict(sample_dev_prompts=0, eval_every_epoch=False, async_checkpointing=False), **train})
     return config
+
+
+def test_training_starts_from_converted_weights(tmp_path):
+    """init_checkpoint: weights converted from a Hugging Face folder are what the run trains.
+    With a zero learning rate the saved parameters must be the converted ones, bitwise; dev
+    answers are written next to each epoch's checkpoint."""
+    import jax
+    from lima_jax.config import model_config
+    from lima_jax.convert.to_orbax import convert_to_orbax
+    from lima_jax.train import loop
+    from tests.test_model import hf_model
+
+    config = tiny_config(epochs=1, sample_dev_prompts=2, eval_every_epoch=True, sample_max_new_tokens=8)
+    config.optimizer.update(learning_rate=0.0, end_learning_rate=0.0)
+    cfg = model_config(config)
+    hf = hf_model(cfg)
+    hf.config.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")
+    convert_to_orbax("hf", tmp_path / "hf", tmp_path / "converted", vocab_multiple=cfg.vocab_multiple)
+    config.init_checkpoint = str(tmp_path / "converted")
+    loop.train(config, tmp_path / "run")
+    _, trained = final_params(tmp_path / "run")
+    from lima_jax.convert.layout import params_from_hf
+
+    expected = params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    jax.tree.map(np.testing.assert_array_equal, trained, expected)
+    samples = list((tmp_path / "run" / "dev_samples").glob("epoch01_*.jsonl"))
+    answers = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    assert len(answers) == 2 and all("answer" in a and a["prompt"] for a in answers)
