@@ -19,27 +19,34 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "ml-collections config file.", lock_config=True)
 flags.DEFINE_string("topology", None, "Slice name: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips).")
 flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
-flags.DEFINE_string("json", None, "Also write the report as JSON here.")
+flags.DEFINE_bool("decode", True, "Also compile the sampler's prefill + decode loop.")
+flags.DEFINE_string("json", None, "Also write the report(s) as JSON here.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from lima_jax.aot import check_train_step, format_report
+    from lima_jax.aot import check_decode_step, check_train_step, format_report
 
-    try:
-        report = check_train_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
-    except Exception as e:  # the compiler's RESOURCE_EXHAUSTED is the answer, not a crash
-        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
-            raise
-        print(f"topology {FLAGS.topology}: DOES NOT FIT\n{e}", file=sys.stderr)
-        return 1
-    print(format_report(report))
+    checks = [("train", check_train_step)] + ([("decode", check_decode_step)] if FLAGS.decode else [])
+    reports, fits = [], True
+    for name, check in checks:
+        try:
+            report = check(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
+        except Exception as e:  # the compiler's RESOURCE_EXHAUSTED is the answer, not a crash
+            if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+                raise
+            print(f"{name} step on {FLAGS.topology}: DOES NOT FIT\n{e}", file=sys.stderr)
+            fits = False
+            continue
+        print(format_report(report) + "\n")
+        reports.append(report)
+        fits = fits and report["fits"]
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0 if report["fits"] else 1
+            json.dump(reports, f, indent=2)
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from lima_jax import config as config_lib
-from lima_jax.model import flops_per_token
-from lima_jax.sharding import logical_to_spec, make_mesh
+from lima_jax.model import abstract_params, flops_per_token, param_logical_axes
+from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lima_jax.train.step import abstract_train_state, make_train_step
 
@@ -81,9 +81,7 @@ def step_rows(config, mesh) -> int:
 
 def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
     """Compile the train step for `topology`; returns the memory/FLOPs report (raises on no fit)."""
-    chip, devices = topology_devices(topology, num_slices)
-    model_cfg = config_lib.validate(config, len(devices), num_slices)
-    mesh = make_mesh(config.mesh, devices)
+    chip, devices, model_cfg, mesh = target(config, topology, num_slices)
     rows, seq = step_rows(config, mesh), config.data.seq_len
     optimizer = make_optimizer(config.optimizer, 1000)
     schedule = learning_rate_schedule(config.optimizer, 1000)
@@ -98,29 +96,62 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
                    out_shardings=(shardings, shardings.step), donate_argnums=0)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch, key).compile()
+    return dict(report(compiled, chip, devices), step="train", topology=topology, num_slices=num_slices,
+                mesh=dict(mesh.shape), rows=rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
+                model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq)
+
+
+def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: int = 256) -> dict:
+    """Compile the sampler (prefill + the decode loop, LIMA's decoding up to the model's
+    context) for one batch of `prompt_len`-token prompts, one per batch shard."""
+    from lima_jax.sampling import SamplingSettings, generate
+
+    chip, devices, model_cfg, mesh = target(config, topology, num_slices)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    settings = SamplingSettings(max_new_tokens=model_cfg.max_seq_len - prompt_len)
+    shardings = named_shardings(param_logical_axes(model_cfg), mesh)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(model_cfg), shardings)
+    row_sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
+    prompts = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=NamedSharding(mesh, logical_to_spec(("batch", "length"))))
+    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sharding)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, logical_to_spec(())))
+    with jax.set_mesh(mesh):
+        compiled = generate.lower(model_cfg, settings, params, prompts, lengths, key).compile()
+    return dict(report(compiled, chip, devices), step="decode", topology=topology, num_slices=num_slices,
+                mesh=dict(mesh.shape), rows=rows, seq_len=model_cfg.max_seq_len, remat_policy="-",
+                model_flops_per_step=flops_per_token(model_cfg, 0) / 3 * rows * model_cfg.max_seq_len)  # forward: 2N
+
+
+def target(config, topology: str, num_slices: int):
+    """(chip, devices, model config, mesh) for a config on a named slice, validated first."""
+    chip, devices = topology_devices(topology, num_slices)
+    model_cfg = config_lib.validate(config, len(devices), num_slices)
+    return chip, devices, model_cfg, make_mesh(config.mesh, devices)
+
+
+def report(compiled, chip: Chip, devices) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     return dict(
-        topology=topology, num_slices=num_slices, devices=len(devices), mesh=dict(mesh.shape),
-        rows=rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
+        devices=len(devices),
         argument_gib=mem.argument_size_in_bytes / GiB, output_gib=mem.output_size_in_bytes / GiB,
         temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB, total_gib=total / GiB,
         hbm_gib=chip.hbm_bytes / GiB, headroom_gib=(chip.hbm_bytes - total) / GiB, fits=total <= chip.hbm_bytes,
         compiler_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
-        model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq,
     )
 
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"topology {r['topology']} x{r['num_slices']} slice(s): {r['devices']} devices, mesh {r['mesh']}",
-        f"step: {r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}",
+        f"{r['step']} step on {r['topology']} x{r['num_slices']} slice(s): {r['devices']} devices, mesh {r['mesh']}",
+        f"{r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}",
         f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
         f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
         f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",
-        f"FLOPs per step: compiler {r['compiler_flops_per_device'] * r['devices']:.3e} (all devices), "
-        f"model {r['model_flops_per_step']:.3e}",
+        f"FLOPs per step: compiler {r['compiler_flops_per_device'] * r['devices']:.3e} (all devices; loop "
+        f"bodies such as the layer scan counted once), model {r['model_flops_per_step']:.3e}",
         f"verdict: {'FITS' if r['fits'] else 'DOES NOT FIT'}",
     ])
