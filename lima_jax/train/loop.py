@@ -189,12 +189,14 @@ def sample_dev_answers(config, model_cfg, params, data, mesh, workdir, step, epo
     prompts = pipeline.dev_prompts(data, n)
     outs = sampler.generate_ids([sampler.prompt_ids(p) for p in prompts],
                                 SamplingSettings(max_new_tokens=config.train.sample_max_new_tokens), seed=config.seed)
+    rows = [dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
+                 answer_tokens=len(o["ids"]), stopped=o["stopped"]) for p, o in zip(prompts, outs)]
     if jax.process_index() == 0:
         out = workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
-                                               answer_tokens=len(o["ids"]), stopped=o["stopped"])) + "\n"
-                               for p, o in zip(prompts, outs)))
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for row in rows:
+        log(f"epoch {epoch} sample | {row['prompt'][:80]!r} -> {row['answer'][:160]!r}")
 
 
 def profile(profile_steps, step, workdir):
