@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         sample_dev_prompts=3,  # answers to this many dev prompts written next to each epoch's checkpoint
         sample_max_new_tokens=256,
         compilation_cache_dir="~/.cache/lima_jax/xla",  # persistent; "" disables
+        peak_flops_per_device=0.0,  # for MFU where the chip is not in train.metrics.PEAK_FLOPS; 0 = the table
         profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
     ))
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
