@@ -1,12 +1,14 @@
 """Conversion throughput and peak host memory against model depth (same width, more layers).
 
-For each size a random Meta-format release (params.json + 2 model-parallel `.pth` shards,
+For each depth a random Meta-format release (params.json + 2 model-parallel `.pth` shards,
 float32) is written to a scratch folder, then converted to Orbax and exported back to HF,
-each in a fresh subprocess that reports its own peak RSS (`ru_maxrss`) and its RSS after
-imports (the fixed overhead). The streaming goal: peak RSS - overhead stays below about 1.5x
-the largest parameter group (one stacked LAYOUT entry), whatever the number of layers.
+each in a fresh subprocess that warms up on a tiny model (JAX, Orbax, tensorstore, torch all
+initialised), resets the kernel's high-water mark and reports its peak RSS (VmHWM) over that
+baseline. The converter streams one layer's tensor at a time, so the peak over baseline
+should be flat in depth: a small multiple of the largest single tensor (one layer's w1, or
+the embedding) and far below the largest stacked group ([layers, ...]) at depth.
 
-    python benchmarks/convert.py [--layers 2 8 16] [--dim 1024] [--scratch /tmp/convert_bench]
+    python benchmarks/convert.py [--layers 4 16 32] [--dim 1024] [--scratch /tmp/convert_bench]
 
 Writes benchmarks/results/convert.json and prints a table.
 """
@@ -97,14 +99,14 @@ def write_meta(directory: pathlib.Path, dim, n_layers, n_heads, vocab, shards=2,
         torch.save(part, directory / f"consolidated.{k:02d}.pth")
     (directory / "params.json").write_text(json.dumps(
         {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "norm_eps": 1e-5, "vocab_size": vocab, "multiple_of": 256}))
-    groups = {}
+    sizes = {}  # name -> (bytes of one tensor as HF stores it, bytes of the whole group); float32
     for t in LAYOUT:
-        n = 1
+        n = 4
         for s in t.hf_shape(cfg):
             n *= s
-        groups[".".join(t.path)] = n * 4 * (n_layers if t.per_layer else 1)
+        sizes[".".join(t.path)] = (n, n * (n_layers if t.per_layer else 1))
     # ours pads the vocabulary to 128 rows; negligible here
-    return cfg, groups
+    return cfg, sizes
 
 
 def run_child(mode, src, dst):
@@ -117,12 +119,13 @@ def run_child(mode, src, dst):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--layers", type=int, nargs="+", default=[4, 16, 32])
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
-    # 8000, not 32000: at these widths a 32k embedding would be the largest group, while in the
-    # real models a stacked MLP weight is (65B: w1 is 80 x 8192 x 22016 vs embed 32000 x 8192).
-    p.add_argument("--vocab", type=int, default=8000)
+    # 4000, not 32000: keeps the proportions of the real model. At 65B the embedding (32000 x 8192,
+    # 1.05 GB) is 1.45x one layer's w1 (8192 x 22016, 0.72 GB); here 4000 x 1024 is 1.42x one
+    # layer's w1 (1024 x 2816), where a 32k vocabulary would make the embedding 11x it.
+    p.add_argument("--vocab", type=int, default=4000)
     p.add_argument("--scratch", default="/tmp/lima_convert_bench")
     p.add_argument("--child", choices=["to_orbax", "to_hf"])
     p.add_argument("--input")
@@ -135,16 +138,24 @@ def main():
     rows = []
     for n_layers in args.layers:
         shutil.rmtree(scratch, ignore_errors=True)
-        cfg, groups = write_meta(scratch / "meta", args.dim, n_layers, args.heads, args.vocab)
-        total = sum(groups.values())
-        largest = max(groups, key=groups.get)
+        cfg, sizes = write_meta(scratch / "meta", args.dim, n_layers, args.heads, args.vocab)
+        total = sum(g for _, g in sizes.values())
+        stacked = {k: v for k, v in sizes.items() if k.startswith("layers.")}
+        group = max(sizes, key=lambda k: sizes[k][1])
+        layer = max(stacked, key=lambda k: stacked[k][0])
+        single = max(sizes, key=lambda k: sizes[k][0])
         row = {"n_layers": n_layers, "dim": args.dim, "ffn_dim": cfg.ffn_dim, "vocab": args.vocab,
-               "model_mb": total / 1e6, "largest_group": largest, "largest_group_mb": groups[largest] / 1e6}
+               "model_mb": total / 1e6,
+               "largest_group": group, "largest_group_mb": sizes[group][1] / 1e6,
+               "largest_layer_tensor": layer, "largest_layer_tensor_mb": stacked[layer][0] / 1e6,
+               "largest_tensor": single, "largest_tensor_mb": sizes[single][0] / 1e6}
         for mode, src, dst in (("to_orbax", scratch / "meta", scratch / "ckpt"), ("to_hf", scratch / "ckpt", scratch / "hf")):
             r = run_child(mode, src, dst)
-            row[mode] = {**r, "mb_per_s": r["bytes"] / 1e6 / r["seconds"],
-                         "peak_over_baseline_mb": r["peak_rss_mb"] - r["baseline_rss_mb"]}
-            row[mode]["peak_over_baseline_per_largest_group"] = row[mode]["peak_over_baseline_mb"] / row["largest_group_mb"]
+            over = r["peak_rss_mb"] - r["baseline_rss_mb"]
+            row[mode] = {**r, "mb_per_s": r["bytes"] / 1e6 / r["seconds"], "peak_over_baseline_mb": over,
+                         "peak_over_baseline_per_layer_tensor": over / row["largest_layer_tensor_mb"],
+                         "peak_over_baseline_per_largest_tensor": over / row["largest_tensor_mb"],
+                         "peak_over_baseline_per_largest_group": over / row["largest_group_mb"]}
         rows.append(row)
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -154,16 +165,22 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
-    head = (f"{'layers':>6} {'model MB':>9} {'largest group':>22} {'MB':>7} | {'->orbax MB/s':>12} {'peak RSS':>9} "
-            f"{'over base':>9} {'x group':>7} | {'->hf MB/s':>9} {'peak RSS':>9} {'over base':>9} {'x group':>7}")
+    r0 = rows[0]
+    print(f"width {args.dim}, ffn {r0['ffn_dim']}, vocab {args.vocab}; largest layer tensor "
+          f"{r0['largest_layer_tensor']} {r0['largest_layer_tensor_mb']:.1f} MB, largest single tensor "
+          f"{r0['largest_tensor']} {r0['largest_tensor_mb']:.1f} MB; peak = RSS high-water mark over the warm baseline")
+    head = (f"{'layers':>6} {'model MB':>9} {'group MB':>8} | {'->orbax MB/s':>12} {'peak MB':>7} {'x layer':>7} "
+            f"{'x tensor':>8} {'x group':>7} | {'->hf MB/s':>9} {'peak MB':>7} {'x layer':>7} {'x tensor':>8} {'x group':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        a, b = r["to_orbax"], r["to_hf"]
-        print(f"{r['n_layers']:>6} {r['model_mb']:>9.0f} {r['largest_group']:>22} {r['largest_group_mb']:>7.0f} | "
-              f"{a['mb_per_s']:>12.1f} {a['peak_rss_mb']:>9.0f} {a['peak_over_baseline_mb']:>9.0f} "
-              f"{a['peak_over_baseline_per_largest_group']:>7.2f} | {b['mb_per_s']:>9.1f} {b['peak_rss_mb']:>9.0f} "
-              f"{b['peak_over_baseline_mb']:>9.0f} {b['peak_over_baseline_per_largest_group']:>7.2f}")
+        cells = [f"{r['n_layers']:>6} {r['model_mb']:>9.0f} {r['largest_group_mb']:>8.0f}"]
+        for mode, w in (("to_orbax", 12), ("to_hf", 9)):
+            m = r[mode]
+            cells.append(f"{m['mb_per_s']:>{w}.1f} {m['peak_over_baseline_mb']:>7.0f} "
+                         f"{m['peak_over_baseline_per_layer_tensor']:>7.2f} {m['peak_over_baseline_per_largest_tensor']:>8.2f} "
+                         f"{m['peak_over_baseline_per_largest_group']:>7.2f}")
+        print(" | ".join(cells))
     print(f"wrote {out}")
 
 

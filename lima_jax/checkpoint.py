@@ -79,27 +79,37 @@ def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
 
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
 
-def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overwrite: bool = False,
-                          chunk_bytes: int = 32 << 20, compress: bool = False) -> epath.Path:
-    """Write a params-only checkpoint one parameter group at a time; the same layout as `save_params`.
+def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overwrite: bool = False,
+                          chunk_bytes: int = 32 << 20, compress: bool = False,
+                          node_cache_bytes: int = 0) -> epath.Path:
+    """Write a params-only checkpoint one layer slice at a time; restores like `save_params`'s.
 
-    `groups` yields `(path, array)` pairs (path: a tuple of keys into the params dict, array: a
-    host numpy array); each is written and dropped before the next is pulled, so host memory
-    holds one group at a time. Mechanism: Orbax's partial save (`orbax.checkpoint.experimental
-    .v1.partial`) adds each group to a pending OCDBT pytree and `finalize` merges them into one
-    manifest. That pytree becomes the step's `params` item, next to a `meta` JSON item and the
-    v0 `_CHECKPOINT_METADATA` naming the same handlers as `save_params`, so `restore_params`
-    reads it with `StandardRestore` straight into target shardings. Arrays are chunked to at
-    most `chunk_bytes`, so a host restoring a shard reads about that shard's bytes only and
-    the writer's encode buffers stay small (host memory ~ one group + a few chunks).
+    `leaves` yields `(path, spec, slices)`: `path` a tuple of keys into the params dict, `spec`
+    anything with `.shape` and `.dtype` (the whole leaf), and `slices` an iterable of
+    `(index, array)` pairs: `index=None` writes the whole leaf, an int `i` writes `leaf[i]`
+    (one layer of a stacked [layers, ...] leaf; every layer exactly once). Each slice is
+    written and committed before the next is pulled, so host memory holds one slice (one
+    layer's tensor) plus its write buffers, however deep the model is.
+
+    Mechanism: each leaf is created in the step's `params` OCDBT database with its final
+    shape, with Orbax's own tensorstore spec (zarr3; chunks of at most `chunk_bytes`, inside
+    one layer when written by layer, so a host restoring a shard reads about that shard's
+    bytes), and written slice by slice. The OCDBT B-tree node cache is `node_cache_bytes`
+    (Orbax uses 100 MB; every commit writes a new root node, and a big cache keeps the old
+    ones, so RSS would grow with the number of writes). Then the Orbax tree `_METADATA`, a
+    `meta` JSON item and the step's `_CHECKPOINT_METADATA` naming the same handlers as
+    `save_params` are added, so `restore_params` reads it with `StandardRestore` straight into
+    target shardings.
 
     Atomic: everything is written under `<directory>.tmp-convert` and renamed to `directory`
     only when complete. An existing `directory` is refused unless `overwrite`.
     """
     import json
+    import time
 
-    from orbax.checkpoint.experimental import v1 as ocp1
-    from orbax.checkpoint.experimental.v1 import partial
+    import numpy as np
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax 0.12.8
 
     directory = epath.Path(directory)
     if directory.exists() and any(directory.iterdir()):
@@ -108,36 +118,56 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     tmp = directory.parent / f"{directory.name}.tmp-convert"
     if tmp.exists():
         tmp.rmtree()
-    tmp.mkdir(parents=True)
     step_dir = tmp / str(step)
-    ctx = ocp1.Context()
-    ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
-    ctx.array.saving.use_compression = compress  # weights barely compress; zstd costs time and buffers
-    # Each save below blocks until written and nothing mutates the array meanwhile, so Orbax's
-    # defensive host copy (a second copy of the whole group) is not needed.
-    ctx.memory.deepcopy_host_arrays = False
+    params_dir = step_dir / PARAMS
+    params_dir.mkdir(parents=True)
+    init_ns = time.time_ns()
+    context = ts.Context({"file_io_concurrency": {"limit": 128},
+                          "cache_pool#ocdbt": {"total_bytes_limit": node_cache_bytes}})
+    tree_metadata = {}
     try:
-        with ctx:
-            for path, array in groups:
-                tree: dict = {}
-                node = tree
-                for key in path[:-1]:
-                    node = node.setdefault(key, {})
-                node[path[-1]] = array
-                partial.save(step_dir, tree)
-                del tree, node, array
-            partial.finalize(step_dir)
-        (step_dir / "state").rename(step_dir / PARAMS)
-        indicator = step_dir / "orbax.checkpoint"  # the v1 layout marker; this is a v0 manager step
-        if indicator.exists():
-            indicator.unlink()
+        for path, spec, slices in leaves:
+            name = ".".join(path)
+            shape, dtype = tuple(spec.shape), np.dtype(spec.dtype)
+            array, written = None, set()
+            for index, value in slices:
+                if index is not None and not (isinstance(index, int) and 0 <= index < shape[0]):
+                    raise ValueError(f"{name}: slice index {index!r}; expected None or a layer in [0, {shape[0]})")
+                if array is None:  # the first slice says how the leaf is written, which sets its chunks
+                    write_shape = shape if index is None else (1, *shape[1:])
+                    write = ts_utils.ArrayWriteSpec(
+                        str(params_dir), name, global_shape=shape, write_shape=write_shape, dtype=dtype,
+                        chunk_byte_size=chunk_bytes, use_compression=compress, use_zarr3=True, use_ocdbt=True)
+                    array = ts.open(ts.Spec(write.json), create=True, open=True, context=context).result()
+                target = array if index is None else array[index]
+                if tuple(np.shape(value)) != tuple(target.shape):
+                    raise ValueError(f"{name}[{index}]: got shape {np.shape(value)}, expected {tuple(target.shape)}")
+                if index in written or (written and (index is None) != (None in written)):
+                    raise ValueError(f"{name}[{index}] written twice")
+                target.write(np.asarray(value, dtype)).result()
+                written.add(index)
+                del value, target
+            want = {None} if None in written else set(range(shape[0]))
+            if written != want:
+                raise ValueError(f"{name}: never written: layer(s) {sorted(want - written)[:5] or 'all'}")
+            del array
+            tree_metadata[str(tuple(path))] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2: a dict key
+                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+        (params_dir / "_METADATA").write_text(json.dumps({
+            "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": True,
+            "store_array_data_equal_to_fill_value": ts_utils.STORE_ARRAY_DATA_EQUAL_TO_FILL_VALUE,
+            "custom_metadata": None}))
         (step_dir / META).mkdir()
         ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
-        info = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
-        info["item_handlers"] = {
-            META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
-            PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"}
-        (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(info))
+        (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps({
+            "item_handlers": {
+                META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
+                PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"},
+            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": init_ns,
+            "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+        for d in (params_dir, step_dir):  # what Orbax leaves where renames are not atomic (gs://)
+            (d / "commit_success.txt").write_text(f"Checkpoint commit was successful to {d}")
     except BaseException:
         tmp.rmtree()  # a failed conversion leaves nothing behind, least of all a complete-looking step
         raise
@@ -149,6 +179,44 @@ def save_params_streaming(directory, groups, meta: dict, step: int = 0, *, overw
     else:
         tmp.rename(directory)
     return directory / str(step)
+
+
+class ParamsReader:
+    """Slices of a checkpoint's `params` leaves, read straight from its tensorstore arrays.
+
+    `read(path, index)` returns `leaf[index]` (`index=None`: the whole leaf) as a numpy array
+    of the stored dtype, reading only the chunks that slice touches; nothing is cached, so an
+    exporter walking a model layer by layer holds one layer's tensor at a time. Works for
+    converted and trained checkpoints (zarr2 or zarr3, OCDBT or not, per the item's
+    `_METADATA`). `path` is as in `locate`.
+    """
+
+    def __init__(self, path):
+        import json
+
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax 0.12.8
+
+        root, step = locate(path)
+        self.dir = root / str(step) / PARAMS
+        info = json.loads((self.dir / "_METADATA").read_text())
+        self.use_zarr3, self.use_ocdbt = bool(info.get("use_zarr3", False)), bool(info.get("use_ocdbt", True))
+        self._ts_utils = ts_utils
+        self._context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
+        self._open: dict = {}
+
+    def array(self, path: tuple[str, ...]):
+        """The leaf as a lazily read `tensorstore.TensorStore` (has `.shape`, `.dtype`)."""
+        import tensorstore as ts
+
+        name = ".".join(path)
+        if name not in self._open:
+            spec = self._ts_utils.ArrayReadSpec(str(self.dir), name, self.use_zarr3, use_ocdbt=self.use_ocdbt)
+            self._open[name] = ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context).result()
+        return self._open[name]
+
+    def read(self, path: tuple[str, ...], index=None):
+        array = self.array(path)
+        return (array if index is None else array[index]).read().result()
 
 
 def restore_params_subset(path, subset_abstract: dict, shardings=None) -> dict:

@@ -2,8 +2,10 @@
 
 - `layout`: the one key map and per-tensor transforms (Meta, HF, ours).
 - `sources`: streaming readers for Meta and HF folders, with the shape/key checks.
-- `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one parameter group at a time.
-- `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT).
+- `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one layer's tensor at a time.
+- `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT), one
+  tensor at a time.
+- `hostmem`: glibc heap settings that keep RSS at about one tensor while streaming.
 """
 
 from lima_jax.convert.sources import ConversionError

@@ -155,8 +155,12 @@ def grow_vocab(w: np.ndarray, new_rows: int) -> np.ndarray:
     The mean is taken in float64 and cast back, so new rows start as an "average token"."""
     if new_rows <= 0:
         return w
-    mean = w.astype(np.float64).mean(axis=0, keepdims=True).astype(w.dtype)
-    return np.concatenate([w, np.repeat(mean, new_rows, axis=0)])
+    return np.concatenate([w, np.repeat(mean_row(w)[None], new_rows, axis=0)])
+
+
+def mean_row(w: np.ndarray) -> np.ndarray:
+    """The mean of `w`'s rows, accumulated in float64 (no float64 copy of `w`), in `w`'s dtype."""
+    return w.mean(axis=0, dtype=np.float64).astype(w.dtype)
 
 
 def hf_names(cfg: ModelConfig) -> list[str]:

@@ -4,8 +4,11 @@ Both present the same interface: `arch()` (the architecture as ModelConfig field
 params.json / config.json), `check(cfg)` (every expected tensor present with the expected
 shape, nothing unknown; raises with a message naming the file and the tensor) and, inside
 `with source.opened():`, `read(entry, layer)` giving one tensor in Hugging Face's layout as a
-numpy array of the stored dtype. Files are opened per parameter group and closed after it, so
-memory-mapped pages of earlier groups are released.
+numpy array of the stored dtype. Memory-mapped pages of a tensor stop counting in RSS once the
+next one is read, so reading a whole model holds about one tensor: Meta's shards are opened
+once and the pages of the tensor read last are handed back (`madvise(MADV_PAGEOUT)`; on
+kernels without it, the shards are reopened for every tensor instead); a safetensors file is
+opened for each tensor read from it (its header is all it parses).
 
 Meta: `consolidated.NN.pth` files are model-parallel shards, loaded with
 `torch.load(mmap=True, weights_only=True)` (no pickle code execution, no bulk read). A tensor
@@ -44,6 +47,41 @@ def _to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages; never discards data (unlike MADV_DONTNEED)
+
+
+def _span(values) -> tuple[int, int]:
+    """The address range covering the storages of the torch tensors among `values` (one
+    memory-mapped file)."""
+    import torch
+
+    ranges = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+              for t in values if isinstance(t, torch.Tensor)]
+    ranges = [(p, p + n) for p, n in ranges if n]
+    return (min(p for p, _ in ranges), max(e for _, e in ranges)) if ranges else (0, 0)
+
+
+def _page_out(start: int, end: int) -> bool:
+    """Take the resident pages in [start, end) out of this process's RSS (MADV_PAGEOUT).
+
+    Pages are reclaimed, never discarded: a clean file-backed page is read again on access, an
+    anonymous one is swapped or stays. So this is safe on any range; False where the kernel
+    does not know MADV_PAGEOUT."""
+    import ctypes
+    import mmap
+
+    if end <= start:
+        return True
+    page = mmap.PAGESIZE
+    lo, hi = start - start % page, -(-end // page) * page
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
+
+
 def _arch_cfg(arch: dict) -> ModelConfig:
     return ModelConfig(**arch, vocab_multiple=1)
 
@@ -70,7 +108,11 @@ class _Source:
         try:
             yield self
         finally:
+            self._release()
             self._open = None  # drops the memory maps
+
+    def _release(self):
+        pass
 
     def read(self, entry: Tensor, layer: int | None) -> np.ndarray:
         assert self._open is not None, "read inside `with source.opened():`"
@@ -97,6 +139,9 @@ class MetaSource(_Source):
             raise ConversionError(f"{self.dir}: missing shard(s) " + ", ".join(f"consolidated.{n:02d}.pth" for n in missing)
                                   + f" (found {len(files)} of {max(numbers) + 1})")
         self.files = [self.dir / f"consolidated.{n:02d}.pth" for n in sorted(numbers)]
+        self._spans: list = []  # per shard, the address range of its memory map
+        self._touched = False  # read since the pages were last handed back
+        self._reopen = False  # set when the kernel cannot page memory-mapped tensors out
         if self._arch["vocab_size"] <= 0:  # LLaMA-1's params.json says -1: the tensors know
             with self.opened():
                 self._arch["vocab_size"] = int(self._open[0]["tok_embeddings.weight"].shape[0])
@@ -115,7 +160,9 @@ class MetaSource(_Source):
     def _open_files(self):
         import torch
 
-        return [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in self.files]
+        shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in self.files]
+        self._spans = [_span(sd.values()) for sd in shards]
+        return shards
 
     def check(self, cfg: ModelConfig) -> None:
         """Shard shapes agree, merged shapes match params.json, no unknown keys."""
@@ -144,13 +191,26 @@ class MetaSource(_Source):
                         f"{tuple(merged)} but params.json ({_describe(cfg)}) implies {want}; "
                         "check params.json and that no consolidated.*.pth shard is missing")
 
+    def _release(self):
+        """Hand back the pages read since the last call: the whole span of each shard's map, since
+        the kernel maps pages around a faulting one too (clean, file-backed: re-read on access)."""
+        touched, self._touched = self._touched, False
+        if touched and not self._reopen and not all(_page_out(*span) for span in self._spans):
+            self._reopen = True
+
     def _read(self, entry, layer):
+        self._release()
+        if self._reopen:  # no MADV_PAGEOUT: fresh maps for every tensor (torch.load parses each file again)
+            self._open = self._open_files()
+        self._touched = True
         name = entry.meta_name(layer)
         parts = [sd[name] for sd in self._open]
         if entry.meta_split_dim is None or len(parts) == 1:
-            w = _to_numpy(parts[0])
+            w = _to_numpy(parts[0])  # a view of the map: its pages go when the next tensor is read
         else:
             w = np.concatenate([_to_numpy(p) for p in parts], axis=entry.meta_split_dim)
+            del parts
+            self._release()  # copied out: the shards' pages can go now
         cfg = _arch_cfg(self._arch)
         return entry.meta_to_hf(w, cfg)
 
@@ -215,8 +275,11 @@ class HFSource(_Source):
                                           f"is {shape} but config.json ({_describe(cfg)}) implies {t.hf_shape(cfg)}")
 
     def _read(self, entry, layer):
+        from safetensors import safe_open
+
         name = entry.hf_name(layer)
-        return _to_numpy(self._open[self.where[name]].get_tensor(name))
+        with safe_open(self.where[name], framework="pt") as h:  # its own map, gone after this tensor
+            return _to_numpy(h.get_tensor(name))
 
 
 def _describe(cfg: ModelConfig) -> str:

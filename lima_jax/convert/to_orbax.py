@@ -1,10 +1,11 @@
-"""Meta / Hugging Face folder -> Orbax checkpoint in the trainer's layout, streamed group by group.
+"""Meta / Hugging Face folder -> Orbax checkpoint in the trainer's layout, streamed layer by layer.
 
 A parameter group is one entry of `layout.LAYOUT` with all its layers stacked (e.g. every
-layer's `w1`, [L, D, F]). The converter builds one group in a preallocated array, layer by
-layer, hands it to `checkpoint.save_params_streaming` (Orbax partial save) and drops it
-before reading the next, so host memory is about one group plus one layer, at any depth.
-The result restores with `checkpoint.restore_params(path, abstract_params(cfg), shardings)`.
+layer's `w1`, [L, D, F]). The stacked array is never built on the host: the converter reads
+one layer's tensor, turns it into our layout and `checkpoint.save_params_streaming` writes it
+into its slice `[i]` of the checkpoint's array before the next layer is read, so host memory
+is about one layer's tensor (or the embedding) plus fixed overhead, at any depth. The result
+restores with `checkpoint.restore_params(path, abstract_params(cfg), shardings)`.
 """
 
 import dataclasses
@@ -13,7 +14,8 @@ import time
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax.convert.layout import LAYOUT, get_path, grow_vocab
+from lima_jax.convert.hostmem import bound_heap, return_freed_memory
+from lima_jax.convert.layout import LAYOUT, get_path, mean_row
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
 from lima_jax.model import ModelConfig, abstract_params
 
@@ -47,53 +49,49 @@ def target_config(arch: dict, *, config: ModelConfig | None = None, add_eot: boo
     return ModelConfig(**fields)
 
 
-def iter_groups(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | None = None):
-    """Yield (params path, our stacked array in cfg.param_dtype) for every LAYOUT entry.
+def iter_leaves(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | None = None):
+    """Yield `(params path, ShapeDtypeStruct, slices)` for every LAYOUT entry, as
+    `checkpoint.save_params_streaming` takes them: `slices` lazily yields `(layer, tensor)`
+    in our layout, one layer of the stacked leaf at a time (`(None, tensor)` for a leaf
+    outside the stack). Nothing is read before it is asked for.
 
-    Host memory: one group, plus one layer's temporaries. Source files are reopened for every
-    tensor, so memory-mapped pages read earlier are released rather than piling up in RSS."""
+    Host memory: one layer's tensor and its temporaries (for embed / lm_head: that one
+    tensor). The source stays open throughout and releases the memory-mapped pages of each
+    tensor once the next is read (see `sources`), so they do not pile up in RSS."""
     abstract = abstract_params(cfg)
     dtype = np.dtype(cfg.weight_dtype)
 
     def read(entry, i):
-        with source.opened():
-            w = source.read(entry, i)
+        w = source.read(entry, i)
         if stats is not None:
             stats["bytes_read"] = stats.get("bytes_read", 0) + w.nbytes
         return w
 
-    for entry in LAYOUT:
-        spec = get_path(abstract, entry.path)
-        if not entry.per_layer:
-            w = read(entry, None)
-            if entry.vocab_rows:  # grow (EOT) and pad in one preallocated buffer, then our layout
-                rows = np.zeros((cfg.padded_vocab_size, w.shape[1]), dtype)
-                rows[:source_vocab] = w
-                if cfg.vocab_size > source_vocab:
-                    rows[source_vocab:cfg.vocab_size] = grow_vocab(w, cfg.vocab_size - source_vocab)[source_vocab:]
-                del w
-                w = rows
-            out = entry.to_ours(w, cfg).astype(dtype, copy=False)  # lm_head: a transposed view, no copy
+    def whole(entry):
+        w = read(entry, None)
+        if entry.vocab_rows:  # grow (EOT: the mean of the old rows) and pad in one preallocated buffer
+            rows = np.zeros((cfg.padded_vocab_size, w.shape[1]), dtype)
+            rows[:source_vocab] = w
+            rows[source_vocab:cfg.vocab_size] = mean_row(w)
             del w
-        else:
-            out = np.empty(spec.shape, dtype)
-            for i in entry.layers(cfg):
-                out[i] = entry.to_ours(read(entry, i), cfg)
-        assert out.shape == spec.shape, (entry.path, out.shape, spec.shape)
-        yield entry.path, out
-        del out
-        _return_freed_memory()
+            w = rows
+        out = entry.to_ours(w, cfg).astype(dtype, copy=False)  # lm_head: a transposed view, no copy
+        del w
+        yield None, out
 
+    def per_layer(entry, spec):
+        for i in entry.layers(cfg):
+            out = entry.to_ours(read(entry, i), cfg).astype(dtype, copy=False)
+            assert out.shape == spec.shape[1:], (entry.path, i, out.shape, spec.shape)
+            yield i, out
+            del out
+            return_freed_memory()
 
-def _return_freed_memory():
-    """Hand freed heap pages back to the OS between groups (glibc keeps the per-thread arenas
-    that tensorstore's writer threads used otherwise, and RSS creeps up group by group)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    with source.opened():  # each leaf's slices are consumed before the next leaf is asked for
+        for entry in LAYOUT:
+            spec = get_path(abstract, entry.path)
+            yield entry.path, spec, (per_layer(entry, spec) if entry.per_layer else whole(entry))
+            return_freed_memory()
 
 
 def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | None = None, add_eot: bool = False,
@@ -109,6 +107,7 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     start = time.perf_counter()
+    bound_heap()
     src = open_source(source, input_dir)
     arch = src.arch()
     if vocab_multiple is None and config is None:
@@ -122,7 +121,7 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
     if add_eot:
         meta["eot_id"] = arch["vocab_size"]
     stats: dict = {}
-    checkpoint.save_params_streaming(out, iter_groups(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
+    checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
                                      meta, overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out)}
