@@ -87,7 +87,7 @@ class Attention(nnx.Module):
             k_all, v_all = (write_layer_rows(c, new.astype(c.dtype), layer, cache_index) for c, new in ((k_all, k), (v_all, v)))
             k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(dt) for c in (k_all, v_all))
             cache = (k_all, v_all, layer)
-        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "act_heads", "length", None)
+        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention, causal=cache is None), "batch", "act_heads", "length", None)
         return jnp.einsum("bhsk,hkd->bsd", out, self.wo[...].astype(dt)), cache
 
 

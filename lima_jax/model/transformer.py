@@ -90,6 +90,8 @@ class Llama(nnx.Module):
         # Causal by slot, and never across packed examples or into padding of another segment.
         mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (k_segments[:, None, :] == segment_ids[:, :, None])
 
+        if cfg.residual_dropout == 0:
+            dropout_key = None  # rate 0 in every layer: do not draw [B, S, D] random masks for nothing
         n = cfg.n_layers
         rates = cfg.residual_dropout * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
         graphdef, stacked = nnx.split(self.layers)
@@ -133,13 +135,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden):
         """[..., D] -> [..., padded vocab] in float32; padding rows of the vocab get -inf-like."""
-        cfg = self.cfg
-        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
-        return logits
+        return output_logits(self.cfg, self.lm_head[...], hidden)
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
         """Logits for unpacked rows (positions 0.., one segment) unless given; for tests and eval."""
@@ -148,6 +144,15 @@ class Llama(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key)[0])
+
+
+def output_logits(cfg: ModelConfig, lm_head: jax.Array, hidden: jax.Array) -> jax.Array:
+    """The output head as a function of its weight [D, Vp] (the loss differentiates it per chunk)."""
+    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    if cfg.padded_vocab_size != cfg.vocab_size:
+        real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    return logits
 
 
 # ---- the functional view: params are a plain nested dict of arrays -------------------------
