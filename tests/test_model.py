@@ -39,10 +39,11 @@ GQA = ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=6, n_kv_heads=2, f
                   rope_theta=500000.0)
 
 
+@pytest.mark.parametrize("seq", [37, 64], ids=["full-attention", "causal-blocks"])
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["multi-head", "grouped-query"])
-def test_logits_match_transformers(cfg):
+def test_logits_match_transformers(cfg, seq):
     model = hf_model(cfg)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 37))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, seq))
     with torch.no_grad():
         expected = model(torch.tensor(tokens)).logits.numpy()
     ours = np.asarray(bind(cfg, hf_params(model, cfg))(jnp.asarray(tokens)))
@@ -56,9 +57,9 @@ def test_packed_rows_equal_separate_examples():
     params = hf_params(hf_model(cfg), cfg)
     model = bind(cfg, params)
     rng = np.random.default_rng(1)
-    lengths = [7, 12, 5]
+    lengths = [7, 12, 5, 30]
     examples = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
-    pad = 4
+    pad = 10  # 64 in all: the causal block path runs, segments cross its block edges
     tokens = np.concatenate(examples + [np.zeros(pad, int)])[None]
     segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
     positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None]
