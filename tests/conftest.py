@@ -12,6 +12,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+# The end-to-end training runs are the longest file: schedule them first so that, under
+# `pytest -n 2 --dist loadfile`, the other worker works through the short files meanwhile.
+SLOW_FIRST = ("test_train_e2e.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     if not SHARED.is_dir():
