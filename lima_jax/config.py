@@ -32,7 +32,6 @@ def base_config() -> ml_collections.ConfigDict:
         train_path="", tokenizer_path="", dev_size=50, seq_len=2048,
         examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models
         rows_per_step=-1,  # packed [rows, seq_len] rows per step; -1 = derived from examples_per_step
-        worker_count=0,
         packing_bins=64,  # Grain first-fit bins filled before rows are emitted; more = less padding
     ))
 

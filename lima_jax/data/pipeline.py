@@ -21,8 +21,8 @@ would change the global batch with the process count. Every process therefore ru
 (cheap: 1,000 examples) packing and keeps only its contiguous block of rows; `global_batch`
 assembles the jax.Arrays. The result is the same global batch for any process count.
 
-`config.data.worker_count` is not used: packing 1,000 tokenised examples in the main process
-takes milliseconds per step, and worker processes would only add start-up time.
+No worker processes: packing 1,000 tokenised examples in the main process takes milliseconds
+per step, and workers would only add start-up time.
 
 Trainer entry points: load_data -> make_plan (rows, total_steps for the LR schedule) ->
 train_iterator (checkpoint it with grain.checkpoint) / dev_batches / dev_prompts -> global_batch.
@@ -138,7 +138,7 @@ def make_plan(data: LimaData, data_cfg, epochs: int, batch_multiple: int = 1) ->
     """Rows per step and the exact step count, by a dry run of the training packing on lengths."""
     lengths = [len(e["ids"]) - 1 for e in data.train]
     rows = rows_per_step(data_cfg, len(lengths), sum(lengths), batch_multiple)
-    bins = data_cfg.get("packing_bins", 64)
+    bins = data_cfg.packing_bins
     # Same order and packing decisions as train_iterator (packing depends on lengths only).
     dummy = [dict(ids=np.zeros(n + 1, np.int8), weights=np.zeros(n + 1, np.int8)) for n in lengths]
     packed = _pack(_epoch_stream(dummy, data.seed, epochs).map(_features), data.seq_len, bins, 0, False)
