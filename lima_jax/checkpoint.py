@@ -11,6 +11,7 @@ mid-save leaves nothing that `latest_step()` would pick for a resume. Restores r
 the target shardings, so each host reads only the bytes of the shards it holds.
 """
 
+import os
 import pathlib
 
 import jax
@@ -22,6 +23,12 @@ PARAMS, OPT_STATE, DATA_ITER, META = "params", "opt_state", "data_iter", "meta"
 CHECKPOINTS_SUBDIR = "checkpoints"  # inside a training work dir
 
 
+def as_path(path) -> epath.Path:
+    """An epath for a local or gs:// path; local ones made absolute, as Orbax requires."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def manager(directory, *, keep_steps=(), keep_latest: int = 1, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the `keep_latest` newest steps plus every step in `keep_steps`."""
@@ -29,12 +36,12 @@ def manager(directory, *, keep_steps=(), keep_latest: int = 1, async_save: bool 
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if read_only else policy, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+    return ocp.CheckpointManager(as_path(directory), options=options)
 
 
 def locate(path) -> tuple[epath.Path, int]:
     """(manager root, step) for a training work dir, a checkpoint root (latest step) or one step folder."""
-    path = epath.Path(path)
+    path = as_path(path)
     if (path / CHECKPOINTS_SUBDIR).is_dir():
         path = path / CHECKPOINTS_SUBDIR
     if path.name.isdigit() and (path / PARAMS).exists():
@@ -74,7 +81,7 @@ def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
         mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
                                                    META: ocp.args.JsonSave(meta)}))
         mngr.wait_until_finished()
-    return epath.Path(directory) / str(step)
+    return as_path(directory) / str(step)
 
 
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
@@ -111,7 +118,7 @@ def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overw
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax 0.12.8
 
-    directory = epath.Path(directory)
+    directory = as_path(directory)
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{directory} already exists and is not empty; pass --overwrite to replace it")

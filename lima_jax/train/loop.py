@@ -31,7 +31,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(config, workdir) -> TrainState:
-    workdir = epath.Path(workdir)
+    workdir = ckpt.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
     if config.train.compilation_cache_dir:
