@@ -209,7 +209,7 @@ def main():
 
     reference_loss = next((r[3][0] for r in runs if r[0] == "torch-eager"), runs[0][3][0])
     results = {}
-    print(f"\n| variant | s/step | tokens/s | MFU | first step (incl. compile) s | first loss |")
+    print("\n| variant | s/step | tokens/s | MFU | first step (incl. compile) s | first loss |")
     print("|---|---|---|---|---|---|")
     for name, kind, settings, (loss, warm, times) in runs:
         s = statistics.median(times)

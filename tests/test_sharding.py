@@ -1,7 +1,6 @@
 """Sharded loss and gradients equal the single-device result; configs that cannot fit fail early."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

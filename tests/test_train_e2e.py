@@ -46,18 +46,16 @@ def losses(workdir):
 
 
 def final_params(workdir):
-    import jax  # noqa: F401 (8 CPU devices from conftest)
+    import jax
+    import ml_collections
+
     from lima_jax import checkpoint as ckpt
     from lima_jax.config import model_config
     from lima_jax.model import abstract_params
 
     meta = ckpt.read_meta(workdir)
-    import ml_collections
-
     cfg = model_config(ml_collections.ConfigDict(meta["config"]))
     abstract = abstract_params(cfg)
-    import jax
-
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = ckpt.restore_params(workdir, abstract, jax.tree.map(lambda _: device, abstract))
     return meta["step"], jax.tree.map(np.asarray, params)
@@ -122,12 +120,12 @@ def test_resume_after_sigkill_and_sigterm_is_exact(tmp_path, cache, uninterrupte
     step_a, params_a = final_params(uninterrupted)
     step_b, params_b = final_params(workdir)
     assert step_a == step_b
-    for a, b in zip(*(map(np.ravel, jax_leaves(p)) for p in (params_a, params_b))):
+    for a, b in zip(*(leaves(p) for p in (params_a, params_b))):
         np.testing.assert_array_equal(a, b)
     assert losses(workdir) == losses(uninterrupted)
 
 
-def jax_leaves(tree):
+def leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
@@ -149,7 +147,6 @@ def test_two_processes_give_the_losses_of_one(tmp_path, cache, uninterrupted):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import ml_collections  # noqa: F401
     from lima_jax.data import pipeline
     from lima_jax.train import loop
     from tests.test_train_e2e import tiny_config
