@@ -26,19 +26,25 @@ Variants:
   time is reported apart; skip it with `--no-compile`.
 - `--jax NAME:k=v,...`: extra lima_jax variants with model-config overrides (experiments).
 
+Each variant runs in a fresh child process (no memory or compile cache shared with the others);
+its peak host memory is the child's peak RSS (frameworks, weights, batch and step included; a
+lima_jax child never imports torch).
+
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3.
 Writes benchmarks/results/train_step.json and ends with `speedup_vs_transformers: X`
 (lima_jax tokens/s over the best PyTorch variant's).
 """
 
 import argparse
-import copy
-import gc
 import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,8 +52,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
@@ -71,6 +75,9 @@ def model_cfg(**overrides) -> ModelConfig:
 
 
 def hf_model(cfg: ModelConfig):
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
@@ -127,18 +134,21 @@ def run_jax(cfg: ModelConfig, hf_state: dict, batch: dict, warmup: int, steps: i
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(0)
     holder = [state]
+    del state, params  # the step donates the state: only the holder keeps it
 
     def step():
         holder[0], metrics = step_fn(holder[0], batch, key)
         return float(metrics["loss"])  # blocks until the step is done
 
-    result = timed(step, warmup, steps)
-    del holder, state, params
-    gc.collect()
-    return result
+    return timed(step, warmup, steps)
 
 
-def run_torch(model, batch: dict, warmup: int, steps: int, compile_model: bool):
+def run_torch(hf_state: dict, batch: dict, warmup: int, steps: int, compile_model: bool):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    model = hf_model(model_cfg(**TUNED))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_state.items()})
     model.train()
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
@@ -158,6 +168,18 @@ def run_torch(model, batch: dict, warmup: int, steps: int, compile_model: bool):
     return timed(step, warmup, steps)
 
 
+def run_child(spec: dict, data_dir: str, warmup: int, steps: int) -> dict:
+    """One variant in this (fresh) process: timings, first loss and the process's peak RSS."""
+    hf_state = dict(np.load(os.path.join(data_dir, "weights.npz")))
+    batch = dict(np.load(os.path.join(data_dir, "batch.npz")))
+    if spec["kind"] == "jax":
+        loss, warm, times = run_jax(model_cfg(**spec["overrides"]), hf_state, batch, warmup, steps)
+    else:
+        loss, warm, times = run_torch(hf_state, batch, warmup, steps, spec["compile"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return dict(first_loss=loss, warmup_times=warm, step_times=times, peak_rss_gib=peak / 2**30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
@@ -168,8 +190,11 @@ def main():
     parser.add_argument("--jax", action="append", default=[], metavar="NAME:k=v,...",
                         help="an extra lima_jax variant with model-config overrides")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    parser.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child[0]), args.child[1], args.warmup, args.steps)))
+        return
 
     load_before = os.getloadavg()
     peak = matmul_peak()
@@ -179,55 +204,62 @@ def main():
     print(f"matmul peak (jax.numpy 2048^3 float32): {peak / 1e9:.1f} GFLOP/s; "
           f"step = {flops * tokens / 1e12:.3f} TFLOP ({param_count(tuned) / 1e6:.1f}M params)", flush=True)
 
-    hf = hf_model(tuned)
-    hf_state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
-    batch = make_batch()
-
-    jax_variants = [("lima_jax", TUNED)]
+    specs = [("lima_jax", dict(kind="jax", overrides=TUNED))]
     if args.jax_default:
-        jax_variants.append(("lima_jax-default", {}))
+        specs.append(("lima_jax-default", dict(kind="jax", overrides={})))
     for spec in args.jax:
         name, _, kvs = spec.partition(":")
         overrides = {}
         for kv in filter(None, kvs.split(",")):
             k, v = kv.split("=")
             overrides[k] = {"True": True, "False": False}.get(v, int(v) if v.lstrip("-").isdigit() else v)
-        jax_variants.append((name, overrides))
+        specs.append((name, dict(kind="jax", overrides=overrides)))
+    if not args.no_torch:
+        specs.append(("torch-eager", dict(kind="torch", compile=False)))
+        if not args.no_compile:
+            specs.append(("torch-compile", dict(kind="torch", compile=True)))
 
     runs = []
-    for name, overrides in jax_variants:
-        cfg = model_cfg(**overrides)
-        print(f"{name}: {overrides}", flush=True)
-        runs.append((name, "jax", {k: getattr(cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks")},
-                     run_jax(cfg, hf_state, batch, args.warmup, args.steps)))
-    if not args.no_torch:
-        print("torch-eager", flush=True)
-        runs.append(("torch-eager", "torch", {}, run_torch(copy.deepcopy(hf), batch, args.warmup, args.steps, False)))
-        if not args.no_compile:
-            print("torch-compile", flush=True)
-            runs.append(("torch-compile", "torch", {}, run_torch(copy.deepcopy(hf), batch, args.warmup, args.steps, True)))
+    with tempfile.TemporaryDirectory() as data_dir:
+        hf = hf_model(tuned)
+        np.savez(os.path.join(data_dir, "weights.npz"), **{k: v.detach().numpy() for k, v in hf.state_dict().items()})
+        np.savez(os.path.join(data_dir, "batch.npz"), **make_batch())
+        del hf
+        for name, spec in specs:
+            print(f"{name}: {spec}", flush=True)
+            child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), data_dir,
+                                    f"--warmup={args.warmup}", f"--steps={args.steps}"],
+                                   capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            if child.returncode:
+                raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
+            runs.append((name, spec, json.loads(child.stdout.strip().splitlines()[-1])))
 
-    reference_loss = next((r[3][0] for r in runs if r[0] == "torch-eager"), runs[0][3][0])
+    reference_loss = next((r["first_loss"] for n, _, r in runs if n == "torch-eager"), runs[0][2]["first_loss"])
     results = {}
-    print("\n| variant | s/step | tokens/s | MFU | first step (incl. compile) s | first loss |")
-    print("|---|---|---|---|---|---|")
-    for name, kind, settings, (loss, warm, times) in runs:
-        s = statistics.median(times)
-        results[name] = dict(kind=kind, settings=settings, s_per_step=s, step_times=times, warmup_times=warm,
-                             tokens_per_s=tokens / s, mfu=tokens / s * flops / peak, first_loss=loss,
-                             loss_matches_torch=abs(loss - reference_loss) < 1e-3)
-        print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {100 * tokens / s * flops / peak:.1f}% | {warm[0]:.1f} | {loss:.5f} |")
+    print("\n| variant | s/step | tokens/s | MFU | first step (incl. compile) s | peak RSS GiB | first loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, spec, r in runs:
+        s = statistics.median(r["step_times"])
+        settings = {k: getattr(model_cfg(**spec["overrides"]), k) for k in ("scan_layers", "remat_policy",
+                    "logits_chunks")} if spec["kind"] == "jax" else {}
+        results[name] = dict(r, kind=spec["kind"], settings=settings, s_per_step=s, tokens_per_s=tokens / s,
+                             mfu=tokens / s * flops / peak, loss_matches_torch=abs(r["first_loss"] - reference_loss) < 1e-3)
+        print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {100 * tokens / s * flops / peak:.1f}% | "
+              f"{r['warmup_times'][0]:.1f} | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |")
     bad = [n for n, r in results.items() if not r["loss_matches_torch"]]
     if bad:
         print(f"LOSS MISMATCH (> 1e-3 from {reference_loss:.5f}): {bad}")
 
     torch_best = max((r["tokens_per_s"] for r in results.values() if r["kind"] == "torch"), default=None)
     speedup = results["lima_jax"]["tokens_per_s"] / torch_best if torch_best else None
+    import torch
+    import transformers
+
     out = dict(
         model=dict(BENCH, batch=BATCH, seq=SEQ, tuned=TUNED, params=param_count(tuned)),
         flops_per_token=flops, tokens_per_step=tokens, matmul_peak_flops=peak,
         steps=args.steps, warmup=args.warmup, variants=results, speedup_vs_transformers=speedup,
-        machine=dict(cpu=platform.machine(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        machine=dict(cpu=platform.machine(), cores=os.cpu_count(), torch_threads=os.cpu_count(),
                      load_before=load_before, load_after=os.getloadavg(), jax=jax.__version__,
                      torch=torch.__version__, transformers=transformers.__version__),
     )

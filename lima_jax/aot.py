@@ -98,7 +98,7 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
         compiled = step.lower(state, batch, key).compile()
     return dict(report(compiled, chip, devices), step="train", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
-                model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq)
+                attention=model_cfg.attention, model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq)
 
 
 def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: int = 256) -> dict:
@@ -119,7 +119,7 @@ def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: in
     with jax.set_mesh(mesh):
         compiled = generate.lower(model_cfg, settings, params, prompts, lengths, key).compile()
     return dict(report(compiled, chip, devices), step="decode", topology=topology, num_slices=num_slices,
-                mesh=dict(mesh.shape), rows=rows, seq_len=model_cfg.max_seq_len, remat_policy="-",
+                mesh=dict(mesh.shape), rows=rows, seq_len=model_cfg.max_seq_len, remat_policy="-", attention="xla",
                 model_flops_per_step=flops_per_token(model_cfg, 0) / 3 * rows * model_cfg.max_seq_len)  # forward: 2N
 
 
@@ -141,13 +141,16 @@ def report(compiled, chip: Chip, devices) -> dict:
         temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB, total_gib=total / GiB,
         hbm_gib=chip.hbm_bytes / GiB, headroom_gib=(chip.hbm_bytes - total) / GiB, fits=total <= chip.hbm_bytes,
         compiler_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
+        # Pallas/Mosaic kernels in the compiled program (splash attention: forward, dq, dkv per call)
+        pallas_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
     )
 
 
 def format_report(r: dict) -> str:
     return "\n".join([
         f"{r['step']} step on {r['topology']} x{r['num_slices']} slice(s): {r['devices']} devices, mesh {r['mesh']}",
-        f"{r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}",
+        f"{r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}, attention={r['attention']} "
+        f"({r['pallas_kernels']} Pallas kernel calls in the program)",
         f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
         f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
         f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",

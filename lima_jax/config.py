@@ -86,4 +86,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
     if model.padded_vocab_size % tensor:
         raise ValueError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
                          f"size {tensor}: raise config.model.vocab_multiple")
+    if model.attention == "splash" and c.data.seq_len % 128:
+        raise ValueError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
+                         f"{c.data.seq_len} is not a multiple of 128")
     return model

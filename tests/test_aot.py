@@ -47,3 +47,15 @@ def test_oversized_config_is_reported_as_not_fitting():
     assert r.returncode != 0
     assert "DOES NOT FIT" in r.stdout + r.stderr
 
+
+
+def test_splash_attention_compiles_for_tpu(tmp_path):
+    # The Pallas kernels go through Mosaic (libtpu's compiler) here; their numerics are checked
+    # against the XLA path in tests/test_attention.py (interpreted).
+    out = tmp_path / "report.json"
+    r = run("--config", "configs/tiny.py", "--topology", "v5e-4", "--config.model.attention=splash", "--nodecode",
+            f"--json={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (train,) = json.loads(out.read_text())
+    assert train["attention"] == "splash" and train["fits"]
+    assert train["pallas_kernels"] >= 3  # forward, dq and dkv kernels of the layer

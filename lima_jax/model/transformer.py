@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lima_jax.model.attention import AttentionMask
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables, write_rows
 from lima_jax.sharding import constrain
@@ -88,7 +89,8 @@ class Llama(nnx.Module):
             k_slot = jnp.arange(k_segments.shape[1])[None, :]
             layer_caches = (cache["k"], cache["v"])
         # Causal by slot, and never across packed examples or into padding of another segment.
-        mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (k_segments[:, None, :] == segment_ids[:, :, None])
+        allowed = (k_slot[:, None, :] <= q_slot[:, :, None]) & (k_segments[:, None, :] == segment_ids[:, :, None])
+        mask = AttentionMask(allowed, segment_ids if cache is None else None)
 
         if cfg.residual_dropout == 0:
             dropout_key = None  # rate 0 in every layer: do not draw [B, S, D] random masks for nothing
