@@ -11,9 +11,13 @@ batch; both do clip-by-global-norm 1.0 + AdamW (b1 0.9, b2 0.95, weight decay 0.
 the norms), as in the LIMA recipe. The loss is the mean cross-entropy over the 511 next-token
 targets of every row (transformers shifts `labels=input_ids`; we pass targets and weights).
 
-Timing: `--warmup` steps (the first one compiles) and then the median of `--steps` timed
-steps. The matmul peak is measured in the same run (a 2048^3 float32 jax.numpy matmul, best
-of 10). MFU = tokens/s x training FLOPs per token (`lima_jax.model.flops_per_token`: 6 x the
+Timing: every variant runs in its own child process (no memory or compile cache shared) and
+takes `--warmup` steps first (the first one compiles). Then the timed steps are interleaved:
+lima_jax stays up while each other variant in turn takes `--steps` rounds of one step each
+beside it (the order alternating every round), so both sides of a ratio see the same machine.
+This machine's speed drifts by 10-20% over minutes (other tenants), which made sequential
+timings unreliable. Speedups are ratios of medians within one pairing. The matmul peak is
+measured in the same run (a 2048^3 float32 jax.numpy matmul, best of 10). MFU = tokens/s x training FLOPs per token (`lima_jax.model.flops_per_token`: 6 x the
 matmul parameters incl. the output head + 12 x layers x dim x seq for attention, counted in
 full; remat recomputation not counted) / measured peak.
 
@@ -26,9 +30,8 @@ Variants:
   time is reported apart; skip it with `--no-compile`.
 - `--jax NAME:k=v,...`: extra lima_jax variants with model-config overrides (experiments).
 
-Each variant runs in a fresh child process (no memory or compile cache shared with the others);
-its peak host memory is the child's peak RSS (frameworks, weights, batch and step included; a
-lima_jax child never imports torch).
+Peak host memory is each child's peak RSS (framework, weights, batch, compilation and steps
+included; a lima_jax child never imports torch).
 
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3.
 Writes benchmarks/results/train_step.json and ends with `speedup_vs_transformers: X`
@@ -57,7 +60,7 @@ from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from lima_jax.train.step import TrainState, make_train_step  # noqa: E402
+from lima_jax.train.step import TrainState, compiler_options, make_train_step  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,7 +69,9 @@ BENCH = dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, 
 BATCH, SEQ = 8, 512
 # CPU-tuned settings for this benchmark (measured in docs/benchmarks.md, "Train step vs
 # PyTorch (CPU)"); the library defaults (scan, remat full) suit TPU pods and deep models.
-TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=4)
+# Remat `dots` under the memory-optimised scheduler (train.step.compiler_options) runs as
+# fast as no remat here with a third less memory.
+TUNED = dict(scan_layers=False, remat_policy="dots", logits_chunks=4)
 LR, WD, CLIP, B1, B2, EPS = 1e-5, 0.1, 1.0, 0.9, 0.95, 1e-8
 
 
@@ -96,18 +101,6 @@ def make_batch():
                 segment_ids=np.ones_like(tokens), loss_weights=weights)
 
 
-def timed(step, warmup: int, steps: int):
-    """(first-step loss, seconds of each warmup step, seconds of each timed step)."""
-    first_loss, warm, times = None, [], []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        loss = step()
-        (warm if i < warmup else times).append(time.perf_counter() - start)
-        if first_loss is None:
-            first_loss = loss
-    return first_loss, warm, times
-
-
 def matmul_peak(n=2048, repeats=10) -> float:
     """Best FLOP/s of an n^3 float32 jax.numpy matmul."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -122,7 +115,8 @@ def matmul_peak(n=2048, repeats=10) -> float:
     return 2 * n**3 / best
 
 
-def run_jax(cfg: ModelConfig, hf_state: dict, batch: dict, warmup: int, steps: int):
+def jax_step(cfg: ModelConfig, hf_state: dict, batch: dict):
+    """A callable running one lima_jax train step; returns the loss."""
     config = base_config()
     config.optimizer.update(learning_rate=LR, end_learning_rate=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                             grad_clip_norm=CLIP)
@@ -130,7 +124,7 @@ def run_jax(cfg: ModelConfig, hf_state: dict, batch: dict, warmup: int, steps: i
     params = jax.tree.map(jnp.asarray, params_from_hf(hf_state, cfg))
     state = TrainState(jnp.int32(0), params, optimizer.init(params))
     step_fn = jax.jit(make_train_step(cfg, optimizer, learning_rate_schedule(config.optimizer, 1000)),
-                      donate_argnums=0)
+                      donate_argnums=0, compiler_options=compiler_options())
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(0)
     holder = [state]
@@ -140,10 +134,11 @@ def run_jax(cfg: ModelConfig, hf_state: dict, batch: dict, warmup: int, steps: i
         holder[0], metrics = step_fn(holder[0], batch, key)
         return float(metrics["loss"])  # blocks until the step is done
 
-    return timed(step, warmup, steps)
+    return step
 
 
-def run_torch(hf_state: dict, batch: dict, warmup: int, steps: int, compile_model: bool):
+def torch_step(hf_state: dict, batch: dict, compile_model: bool):
+    """A callable running one transformers + PyTorch train step; returns the loss."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -165,19 +160,64 @@ def run_torch(hf_state: dict, batch: dict, warmup: int, steps: int, compile_mode
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return timed(step, warmup, steps)
+    return step
 
 
-def run_child(spec: dict, data_dir: str, warmup: int, steps: int) -> dict:
-    """One variant in this (fresh) process: timings, first loss and the process's peak RSS."""
+def serve_child(spec: dict, data_dir: str, warmup: int):
+    """Child process: build the variant, take the warmup steps, then one timed step per "step"
+    line on stdin; "stop" reports the peak RSS. Every reply is one JSON line on stdout."""
     hf_state = dict(np.load(os.path.join(data_dir, "weights.npz")))
     batch = dict(np.load(os.path.join(data_dir, "batch.npz")))
     if spec["kind"] == "jax":
-        loss, warm, times = run_jax(model_cfg(**spec["overrides"]), hf_state, batch, warmup, steps)
+        step = jax_step(model_cfg(**spec["overrides"]), hf_state, batch)
     else:
-        loss, warm, times = run_torch(hf_state, batch, warmup, steps, spec["compile"])
+        step = torch_step(hf_state, batch, spec["compile"])
+    del hf_state  # the step holds its own copy of the weights; this one would only add to the peak
+
+    def timed_step():
+        start = time.perf_counter()
+        loss = step()
+        return time.perf_counter() - start, loss
+
+    warm = [timed_step() for _ in range(warmup)]
+    print(json.dumps(dict(warmup_times=[t for t, _ in warm], first_loss=warm[0][1])), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            break
+        print(json.dumps(dict(zip(("time", "loss"), timed_step()))), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return dict(first_loss=loss, warmup_times=warm, step_times=times, peak_rss_gib=peak / 2**30)
+    print(json.dumps(dict(peak_rss_gib=peak / 2**30)), flush=True)
+
+
+class Child:
+    """A variant's child process, driven step by step."""
+
+    def __init__(self, name: str, spec: dict, data_dir: str, warmup: int):
+        print(f"{name}: {spec}", flush=True)
+        self.name, self.spec, self.times = name, spec, []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), data_dir,
+                                      f"--warmup={warmup}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        self.__dict__.update(self._reply())  # warmup_times, first_loss
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name} failed (exit {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        t = self._reply()["time"]
+        self.times.append(t)
+        return t
+
+    def stop(self):
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        self.peak_rss_gib = self._reply()["peak_rss_gib"]
+        self.proc.wait()
 
 
 def main():
@@ -193,7 +233,7 @@ def main():
     parser.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(json.loads(args.child[0]), args.child[1], args.warmup, args.steps)))
+        serve_child(json.loads(args.child[0]), args.child[1], args.warmup)
         return
 
     load_before = os.getloadavg()
@@ -219,39 +259,52 @@ def main():
         if not args.no_compile:
             specs.append(("torch-compile", dict(kind="torch", compile=True)))
 
-    runs = []
+    pairings = []  # (other variant, lima_jax step times taken beside it)
     with tempfile.TemporaryDirectory() as data_dir:
         hf = hf_model(tuned)
         np.savez(os.path.join(data_dir, "weights.npz"), **{k: v.detach().numpy() for k, v in hf.state_dict().items()})
         np.savez(os.path.join(data_dir, "batch.npz"), **make_batch())
         del hf
-        for name, spec in specs:
-            print(f"{name}: {spec}", flush=True)
-            child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), data_dir,
-                                    f"--warmup={args.warmup}", f"--steps={args.steps}"],
-                                   capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-            if child.returncode:
-                raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
-            runs.append((name, spec, json.loads(child.stdout.strip().splitlines()[-1])))
+        main_child = Child(*specs[0], data_dir, args.warmup)
+        for name, spec in specs[1:]:
+            other, beside = Child(name, spec, data_dir, args.warmup), []
+            for i in range(args.steps):
+                pair = (main_child, other) if i % 2 == 0 else (other, main_child)
+                for child in pair:
+                    t = child.step()
+                    if child is main_child:
+                        beside.append(t)
+            other.stop()
+            pairings.append((other, beside))
+        if not pairings:  # nothing to pair with: time lima_jax alone
+            pairings.append((None, [main_child.step() for _ in range(args.steps)]))
+        main_child.stop()
 
-    reference_loss = next((r["first_loss"] for n, _, r in runs if n == "torch-eager"), runs[0][2]["first_loss"])
+    children = [main_child] + [c for c, _ in pairings if c is not None]
+    reference_loss = next((c.first_loss for c in children if c.name == "torch-eager"), main_child.first_loss)
     results = {}
-    print("\n| variant | s/step | tokens/s | MFU | first step (incl. compile) s | peak RSS GiB | first loss |")
-    print("|---|---|---|---|---|---|---|")
-    for name, spec, r in runs:
-        s = statistics.median(r["step_times"])
-        settings = {k: getattr(model_cfg(**spec["overrides"]), k) for k in ("scan_layers", "remat_policy",
-                    "logits_chunks")} if spec["kind"] == "jax" else {}
-        results[name] = dict(r, kind=spec["kind"], settings=settings, s_per_step=s, tokens_per_s=tokens / s,
-                             mfu=tokens / s * flops / peak, loss_matches_torch=abs(r["first_loss"] - reference_loss) < 1e-3)
-        print(f"| {name} | {s:.2f} | {tokens / s:.0f} | {100 * tokens / s * flops / peak:.1f}% | "
-              f"{r['warmup_times'][0]:.1f} | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |")
+    print("\n| variant | s/step | tokens/s | MFU | speed vs lima_jax beside it | first step (incl. compile) s | "
+          "peak RSS GiB | first loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in children:
+        s = statistics.median(c.times)
+        beside = next((b for o, b in pairings if o is c), None)
+        relative = statistics.median(beside) / s if beside else 1.0  # > 1: faster than lima_jax
+        settings = {k: getattr(model_cfg(**c.spec["overrides"]), k) for k in ("scan_layers", "remat_policy",
+                    "logits_chunks")} if c.spec["kind"] == "jax" else {}
+        results[c.name] = dict(kind=c.spec["kind"], settings=settings, s_per_step=s, step_times=c.times,
+                               lima_jax_times_beside=beside, speed_vs_lima_jax=relative, warmup_times=c.warmup_times,
+                               tokens_per_s=tokens / s, mfu=tokens / s * flops / peak, peak_rss_gib=c.peak_rss_gib,
+                               first_loss=c.first_loss, loss_matches_torch=abs(c.first_loss - reference_loss) < 1e-3)
+        print(f"| {c.name} | {s:.2f} | {tokens / s:.0f} | {100 * tokens / s * flops / peak:.1f}% | {relative:.3f} | "
+              f"{c.warmup_times[0]:.1f} | {c.peak_rss_gib:.2f} | {c.first_loss:.5f} |")
     bad = [n for n, r in results.items() if not r["loss_matches_torch"]]
     if bad:
         print(f"LOSS MISMATCH (> 1e-3 from {reference_loss:.5f}): {bad}")
 
-    torch_best = max((r["tokens_per_s"] for r in results.values() if r["kind"] == "torch"), default=None)
-    speedup = results["lima_jax"]["tokens_per_s"] / torch_best if torch_best else None
+    # Against the best PyTorch variant, each measured beside lima_jax.
+    torch_best = max((r["speed_vs_lima_jax"] for r in results.values() if r["kind"] == "torch"), default=None)
+    speedup = 1.0 / torch_best if torch_best else None
     import torch
     import transformers
 

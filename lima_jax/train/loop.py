@@ -23,7 +23,7 @@ from lima_jax.model import flops_per_token, init_params
 from lima_jax.sharding import make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
+from lima_jax.train.step import TrainState, abstract_train_state, compiler_options, make_eval_step, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,7 +70,8 @@ def train(config, workdir) -> TrainState:
 
     train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
                          in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+                         out_shardings=(state_shardings, replicated), donate_argnums=0,
+                         compiler_options=compiler_options())
     eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, batch_sharding))
     dropout_key = jax.random.key(config.seed + 1)  # the init key is config.seed
 

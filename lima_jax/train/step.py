@@ -37,6 +37,18 @@ def abstract_train_state(model_cfg, optimizer, mesh: Mesh) -> tuple[TrainState, 
     return abstract, TrainState(replicated, param_shardings, opt_shardings)
 
 
+def compiler_options() -> dict | None:
+    """XLA options for jitting the train step on this process's backend.
+
+    XLA:CPU: the memory-optimised scheduler. It orders the backward pass so activations die
+    (or are recomputed) close to their use; on bench-110m, unrolled with remat `dots`, the
+    step's temporaries fall from 5.68 to 4.09 GiB at the same speed (docs/benchmarks.md).
+    Other backends keep their defaults."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
+
+
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):
     def summed_loss(params, batch, key):
         _, (total, count) = loss_lib.lm_loss(model_cfg, params, batch, key)
