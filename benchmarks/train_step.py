@@ -1,7 +1,7 @@
 """Train-step speed on this machine: the full jitted lima_jax SFT step (forward, backward,
 AdamW) against the same step in transformers + PyTorch (eager and torch.compile), in one run.
 
-  python benchmarks/train_step.py [--steps 3] [--warmup 1] [--no-compile] [--jax-default]
+  python benchmarks/train_step.py [--steps 2] [--warmup 1] [--no-compile] [--jax-default]
                                   [--jax NAME:key=value,key=value ...]
 
 Model "bench-110m": vocab 32000, hidden 768, FFN 2048, 12 layers, 12 heads, sequence 512 x
@@ -17,9 +17,10 @@ lima_jax stays up while each other variant in turn takes `--steps` rounds of one
 beside it (the order alternating every round), so both sides of a ratio see the same machine.
 This machine's speed drifts by 10-20% over minutes (other tenants), which made sequential
 timings unreliable. Speedups are ratios of medians within one pairing. The matmul peak is
-measured in the same run (a 2048^3 float32 jax.numpy matmul, best of 10). MFU = tokens/s x training FLOPs per token (`lima_jax.model.flops_per_token`: 6 x the
-matmul parameters incl. the output head + 12 x layers x dim x seq for attention, counted in
-full; remat recomputation not counted) / measured peak.
+measured in the same run (a 2048^3 float32 jax.numpy matmul, best of 10). MFU = tokens/s x
+training FLOPs per token (`lima_jax.model.flops_per_token`: 6 x the matmul parameters incl.
+the output head + 12 x layers x dim x seq for attention, counted in full; remat
+recomputation not counted) / measured peak.
 
 Variants:
 - `lima_jax`: the CPU-tuned model settings in `TUNED` (see docs/benchmarks.md for why).
@@ -27,7 +28,7 @@ Variants:
   `full`, 4 logits chunks).
 - `torch-eager`: LlamaForCausalLM (sdpa attention) + torch.optim.AdamW(fused=True).
 - `torch-compile`: the same with the model under `torch.compile` (default mode); its compile
-  time is reported apart; skip it with `--no-compile`.
+  time shows in the first step; skip it with `--no-compile`.
 - `--jax NAME:k=v,...`: extra lima_jax variants with model-config overrides (experiments).
 
 Peak host memory is each child's peak RSS (framework, weights, batch, compilation and steps
@@ -35,7 +36,7 @@ included; a lima_jax child never imports torch).
 
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3.
 Writes benchmarks/results/train_step.json and ends with `speedup_vs_transformers: X`
-(lima_jax tokens/s over the best PyTorch variant's).
+(lima_jax's speed over the best PyTorch variant's, each measured beside lima_jax).
 """
 
 import argparse
@@ -222,7 +223,7 @@ class Child:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed rounds beside each other variant")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-torch", action="store_true", help="lima_jax variants only (experiments)")
