@@ -224,21 +224,3 @@ class ParamsReader:
     def read(self, path: tuple[str, ...], index=None):
         array = self.array(path)
         return (array if index is None else array[index]).read().result()
-
-
-def restore_params_subset(path, subset_abstract: dict, shardings=None) -> dict:
-    """Only the leaves named in `subset_abstract` (a sub-dict of the params tree of
-    ShapeDtypeStructs) from a checkpoint's `params` item; numpy arrays unless `shardings`."""
-    import numpy as np
-
-    root, step = locate(path)
-    if shardings is None:
-        restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype),
-                                    subset_abstract)
-        item = subset_abstract
-    else:
-        item = target_tree(subset_abstract, shardings)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(root / str(step) / PARAMS, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))

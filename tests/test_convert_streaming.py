@@ -89,10 +89,7 @@ def test_stacked_leaves_are_chunked_within_a_layer_and_restore_with_orbax(tmp_pa
         if t.per_layer:
             assert array.chunk_layout.write_chunk.shape[0] == 1, t.path  # one layer per write, per chunk
         np.testing.assert_array_equal(reader.read(t.path), get_path(expected, t.path), err_msg=str(t.path))
-    # Orbax's own readers: a partial restore into numpy and a full StandardRestore on one device
-    subset = {"layers": {"mlp": {"w2": abstract_params(MHA)["layers"]["mlp"]["w2"]}}}
-    w2 = checkpoint.restore_params_subset(tmp_path / "ckpt", subset)["layers"]["mlp"]["w2"]
-    np.testing.assert_array_equal(w2, expected["layers"]["mlp"]["w2"])
+    # Orbax's own reader: a full StandardRestore on one device
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = checkpoint.restore_params(tmp_path / "ckpt", abstract_params(MHA),
                                        jax.tree.map(lambda _: one, abstract_params(MHA)))

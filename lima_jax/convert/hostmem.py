@@ -14,7 +14,8 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 MMAP_THRESHOLD = 1 << 20
 
 
-def _libc():
+def libc():
+    """glibc, or None where it is not the C library."""
     try:
         return ctypes.CDLL("libc.so.6")
     except OSError:
@@ -24,18 +25,18 @@ def _libc():
 def bound_heap() -> bool:
     """Serve every allocation of MMAP_THRESHOLD bytes or more by its own mapping, returned to the
     OS on free (process-wide; costs a page fault per page of each new big array)."""
-    libc = _libc()
+    c = libc()
     try:
-        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        return bool(c and c.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except AttributeError:
         return False
 
 
 def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps per-thread arenas otherwise)."""
-    libc = _libc()
+    c = libc()
     try:
-        if libc:
-            libc.malloc_trim(0)
+        if c:
+            c.malloc_trim(0)
     except AttributeError:
         pass

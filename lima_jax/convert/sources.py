@@ -70,16 +70,17 @@ def _page_out(start: int, end: int) -> bool:
     import ctypes
     import mmap
 
+    from lima_jax.convert.hostmem import libc
+
     if end <= start:
         return True
     page = mmap.PAGESIZE
     lo, hi = start - start % page, -(-end // page) * page
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
+    c = libc()
+    if c is None:
         return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
+    c.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return c.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
 
 
 def _arch_cfg(arch: dict) -> ModelConfig:

@@ -90,9 +90,13 @@ class _SafetensorsStream:
         w = np.ascontiguousarray(w)
         self.f.write(w.reshape(-1).view(np.uint8).data)  # little-endian hosts, as safetensors stores
 
-    def close(self):
-        assert not self.expected, f"tensors never written: {[n for n, _ in self.expected][:5]}"
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
         self.f.close()
+        if exc_type is None:
+            assert not self.expected, f"tensors never written: {[n for n, _ in self.expected][:5]}"
 
 
 def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = None, overwrite: bool = False,
@@ -134,16 +138,12 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     try:
         todo = iter(order)
         for name, shard in zip(names, shards):
-            stream = _SafetensorsStream(tmp / name, shard, dtype)
-            try:
+            with _SafetensorsStream(tmp / name, shard, dtype) as stream:
                 for _ in shard:
                     entry, i = next(todo)
                     w = entry.to_hf(reader.read(entry.path, i), cfg).astype(np_dtype, copy=False)
                     stream.add(entry.hf_name(i), w)
                     del w
-            finally:
-                stream.f.close()
-            stream.close()
         total = sum(t[2] for t in tensors)
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         (tmp / INDEX).write_text(json.dumps(

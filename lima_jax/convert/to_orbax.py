@@ -101,9 +101,7 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
     Returns a small report: the model config, bytes read, seconds. `add_eot` appends one
     vocabulary row (LIMA's end-of-turn id = the old vocabulary size) to the embedding and the
     output head, initialised to the mean of the existing rows."""
-    from lima_jax.checkpoint import as_path
-
-    out = as_path(output)
+    out = checkpoint.as_path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     start = time.perf_counter()

@@ -31,18 +31,17 @@ def _merge(x):  # [n, B, S/n, ...] -> [B, S, ...]
     return jnp.moveaxis(x, 0, 1).reshape(b, n * s, *x.shape[3:])
 
 
-def _piece_nll(cfg, lm_head, h, t):
-    """(logits, -log p(t)) of one piece; logits [B, S/n, Vp] float32."""
-    logits = output_logits(cfg, lm_head, h)
-    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return logits, jax.nn.logsumexp(logits, axis=-1) - target_logit
+def _nll(logits, t):
+    """(logsumexp, -log p(t)) of float32 logits [..., Vp] and targets [...]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse, lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _nll_sum(cfg, n, lm_head, hidden, targets, weights):
     def piece(total, xs):
         h, t, w = xs
-        _, nll = _piece_nll(cfg, lm_head, h, t)
+        _, nll = _nll(output_logits(cfg, lm_head, h), t)
         return total + jnp.sum(nll * w), None
 
     total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (_split(hidden, n), _split(targets, n), _split(weights, n)))
@@ -56,8 +55,7 @@ def _nll_sum_fwd(cfg, n, lm_head, hidden, targets, weights):
         shape = h.shape
         h, t, w = h.reshape(-1, shape[-1]), t.reshape(-1), w.reshape(-1)  # 2-D: one contracting dim for d lm_head
         logits, head_vjp = jax.vjp(lambda h_, w_: output_logits(cfg, w_, h_), h, lm_head)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        nll = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        lse, nll = _nll(logits, t)
         onehot = jnp.arange(logits.shape[-1]) == t[..., None]
         d_logits = w[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)
         d_h, d_w = head_vjp(d_logits)
