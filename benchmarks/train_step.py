@@ -2,7 +2,7 @@
 AdamW) against the same step in transformers + PyTorch (eager and torch.compile), in one run.
 
   python benchmarks/train_step.py [--steps 2] [--warmup 1] [--no-compile] [--jax-default]
-                                  [--jax NAME:key=value,key=value ...]
+                                  [--jax NAME:key=value,key=value ...] [--platform gpu]
 
 Model "bench-110m": vocab 32000, hidden 768, FFN 2048, 12 layers, 12 heads, sequence 512 x
 batch 8 = 4,096 tokens a step, float32, CPU. Both sides start from the same random weights
@@ -23,7 +23,8 @@ the output head + 12 x layers x dim x seq for attention, counted in full; remat
 recomputation not counted) / measured peak.
 
 Variants:
-- `lima_jax`: the CPU-tuned model settings in `TUNED` (see docs/benchmarks.md for why).
+- `lima_jax`: the CPU-tuned model settings in `TUNED` (see docs/benchmarks.md for why),
+  `GPU_TUNED` on a GPU; `lima_jax-bf16` (`--bf16`, GPU): those in bfloat16 with cuDNN attention.
 - `lima_jax-default` (`--jax-default`): the library defaults (layers under scan, remat
   `full`, 4 logits chunks).
 - `torch-eager`: LlamaForCausalLM (sdpa attention) + torch.optim.AdamW(fused=True).
@@ -34,7 +35,16 @@ Variants:
 Peak host memory is each child's peak RSS (framework, weights, batch, compilation and steps
 included; a lima_jax child never imports torch).
 
-Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3.
+GPU (`--platform gpu`): the same model and batch on the first CUDA device. Float32 matmuls
+run as TF32 on both sides (JAX's default there; PyTorch is set to match with
+`torch.set_float32_matmul_precision("high")`), `--bf16` adds bfloat16 variants (lima_jax
+`dtype=bfloat16` with float32 parameters, cuDNN attention; PyTorch autocast). A timed step is
+`--inner` steps (default 20) over one device sync, since one step takes milliseconds. MFU is
+counted against the card's published dense peak (TF32 or BF16, `PUBLISHED_PEAKS`); memory is
+each child's peak device memory.
+
+Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3 (float32
+on CPU; 2e-2 where TF32 or bfloat16 rounding enters, on GPU).
 Writes benchmarks/results/train_step.json and ends with `speedup_vs_transformers: X`
 (lima_jax's speed over the best PyTorch variant's, each measured beside lima_jax).
 """
@@ -73,6 +83,16 @@ BATCH, SEQ = 8, 512
 # Remat `dots` under the memory-optimised scheduler (train.step.compiler_options) runs as
 # fast as no remat here with a third less memory.
 TUNED = dict(scan_layers=False, remat_policy="dots", logits_chunks=4)
+# On a GPU this model is small: nothing to save memory for, so no remat and one logits chunk.
+GPU_TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=1)
+BF16 = dict(dtype="bfloat16", attention="cudnn")
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, SXM parts unless
+# named; matched against jax's device_kind in this order.
+PUBLISHED_PEAKS = (("H100 PCIe", dict(float32=378e12, bfloat16=756e12)),
+                   ("H200 NVL", dict(float32=417e12, bfloat16=835e12)),
+                   ("H100", dict(float32=494.7e12, bfloat16=989.4e12)),
+                   ("H200", dict(float32=494.7e12, bfloat16=989.4e12)),
+                   ("A100", dict(float32=156e12, bfloat16=312e12)))
 LR, WD, CLIP, B1, B2, EPS = 1e-5, 0.1, 1.0, 0.9, 0.95, 1e-8
 
 
@@ -117,7 +137,7 @@ def matmul_peak(n=2048, repeats=10) -> float:
 
 
 def jax_step(cfg: ModelConfig, hf_state: dict, batch: dict):
-    """A callable running one lima_jax train step; returns the loss."""
+    """A callable running one lima_jax train step; returns the loss (not waited for)."""
     config = base_config()
     config.optimizer.update(learning_rate=LR, end_learning_rate=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                             grad_clip_norm=CLIP)
@@ -133,78 +153,105 @@ def jax_step(cfg: ModelConfig, hf_state: dict, batch: dict):
 
     def step():
         holder[0], metrics = step_fn(holder[0], batch, key)
-        return float(metrics["loss"])  # blocks until the step is done
+        return metrics["loss"]  # float() on it waits for the whole step: one program, one completion
 
     return step
 
 
-def torch_step(hf_state: dict, batch: dict, compile_model: bool):
-    """A callable running one transformers + PyTorch train step; returns the loss."""
+def torch_step(hf_state: dict, batch: dict, compile_model: bool, bf16: bool = False):
+    """A callable running one transformers + PyTorch train step; returns the loss (a tensor)."""
+    import contextlib
+
     import torch
 
     torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as JAX does by default; no-op on CPU
     model = hf_model(model_cfg(**TUNED))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_state.items()})
-    model.train()
+    model.to(device).train()
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=(B1, B2), eps=EPS, fused=True)
     forward = torch.compile(model) if compile_model else model
-    input_ids = torch.from_numpy(batch["tokens"]).long()
+    input_ids = torch.from_numpy(batch["tokens"]).long().to(device)
+    precision = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step():
-        loss = forward(input_ids=input_ids, labels=input_ids).loss
+        with precision:
+            loss = forward(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     return step
 
 
-def serve_child(spec: dict, data_dir: str, warmup: int):
-    """Child process: build the variant, take the warmup steps, then one timed step per "step"
-    line on stdin; "stop" reports the peak RSS. Every reply is one JSON line on stdout."""
+def serve_child(spec: dict, data_dir: str, warmup: int, inner: int):
+    """Child process: build the variant, take the warmup steps, then one timed round of
+    `inner` steps per "step" line on stdin; "stop" reports the peak memory. Every reply is
+    one JSON line on stdout."""
     hf_state = dict(np.load(os.path.join(data_dir, "weights.npz")))
     batch = dict(np.load(os.path.join(data_dir, "batch.npz")))
     if spec["kind"] == "jax":
         step = jax_step(model_cfg(**spec["overrides"]), hf_state, batch)
+        device = jax.devices()[0]
+        sync, device_peak = lambda: None, lambda: (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
     else:
-        step = torch_step(hf_state, batch, spec["compile"])
+        import torch
+
+        step = torch_step(hf_state, batch, spec["compile"], spec.get("bf16", False))
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        on_gpu = torch.cuda.is_available()
+        sync = torch.cuda.synchronize if on_gpu else lambda: None
+        device_peak = torch.cuda.max_memory_allocated if on_gpu else lambda: 0
     del hf_state  # the step holds its own copy of the weights; this one would only add to the peak
 
-    def timed_step():
+    def timed_round(n):
+        """Seconds per step over n steps, and the last step's loss."""
         start = time.perf_counter()
-        loss = step()
-        return time.perf_counter() - start, loss
+        for _ in range(n):
+            loss = step()
+        loss = float(loss)
+        sync()  # PyTorch: the optimizer update after the loss too
+        return (time.perf_counter() - start) / n, loss
 
-    warm = [timed_step() for _ in range(warmup)]
-    print(json.dumps(dict(warmup_times=[t for t, _ in warm], first_loss=warm[0][1])), flush=True)
+    warm = [timed_round(1) for _ in range(warmup)]
+    print(json.dumps(dict(warmup_times=[t for t, _ in warm], first_loss=warm[0][1],
+                          device=getattr(device, "device_kind", str(device)))), flush=True)
     for line in sys.stdin:
         if line.strip() == "stop":
             break
-        print(json.dumps(dict(zip(("time", "loss"), timed_step()))), flush=True)
+        print(json.dumps(dict(zip(("time", "loss"), timed_round(inner)))), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps(dict(peak_rss_gib=peak / 2**30)), flush=True)
+    print(json.dumps(dict(peak_rss_gib=peak / 2**30, device_peak_gib=device_peak() / 2**30)), flush=True)
+
+
+class ChildFailed(RuntimeError):
+    pass
 
 
 class Child:
     """A variant's child process, driven step by step."""
 
-    def __init__(self, name: str, spec: dict, data_dir: str, warmup: int):
+    def __init__(self, name: str, spec: dict, data_dir: str, args):
         print(f"{name}: {spec}", flush=True)
         self.name, self.spec, self.times = name, spec, []
+        # On a GPU every child allocates as it goes (no preallocation), so one's peak is its own.
+        env = dict(os.environ, JAX_PLATFORMS="cuda" if args.platform == "gpu" else "cpu",
+                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), data_dir,
-                                      f"--warmup={warmup}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        self.__dict__.update(self._reply())  # warmup_times, first_loss
+                                      f"--warmup={args.warmup}", f"--inner={args.inner}"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.__dict__.update(self._reply())  # warmup_times, first_loss, device
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"{self.name} failed (exit {self.proc.wait()}); its stderr is above")
+            raise ChildFailed(f"{self.name} failed (exit {self.proc.wait()}); its stderr is above")
         return json.loads(line)
 
     def step(self) -> float:
@@ -217,8 +264,12 @@ class Child:
     def stop(self):
         self.proc.stdin.write("stop\n")
         self.proc.stdin.flush()
-        self.peak_rss_gib = self._reply()["peak_rss_gib"]
+        self.__dict__.update(self._reply())  # peak_rss_gib, device_peak_gib
         self.proc.wait()
+
+
+def published_peak(device_kind: str, dtype: str) -> float | None:
+    return next((peaks[dtype] for name, peaks in PUBLISHED_PEAKS if name in device_kind), None)
 
 
 def main():
@@ -230,45 +281,61 @@ def main():
     parser.add_argument("--jax-default", action="store_true", help="also run lima_jax with the library defaults")
     parser.add_argument("--jax", action="append", default=[], metavar="NAME:k=v,...",
                         help="an extra lima_jax variant with model-config overrides")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--inner", type=int, help="steps per timed round (default 1 on CPU, 20 on GPU)")
+    parser.add_argument("--bf16", action="store_true", help="GPU: also bfloat16 variants of both sides")
+    parser.add_argument("--output", help="default benchmarks/results/train_step[_gpu].json")
     parser.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    gpu = args.platform == "gpu"
+    args.inner = args.inner or (20 if gpu else 1)
     if args.child:
-        serve_child(json.loads(args.child[0]), args.child[1], args.warmup)
+        serve_child(json.loads(args.child[0]), args.child[1], args.warmup, args.inner)
         return
 
     load_before = os.getloadavg()
-    peak = matmul_peak()
-    tuned = model_cfg(**TUNED)
+    tuned_settings = GPU_TUNED if gpu else TUNED
+    tuned = model_cfg(**tuned_settings)
     tokens = BATCH * SEQ
     flops = flops_per_token(tuned, SEQ)
-    print(f"matmul peak (jax.numpy 2048^3 float32): {peak / 1e9:.1f} GFLOP/s; "
-          f"step = {flops * tokens / 1e12:.3f} TFLOP ({param_count(tuned) / 1e6:.1f}M params)", flush=True)
+    peak = None if gpu else matmul_peak()  # on a GPU: the card's published peak, once a child names the card
+    print(f"step = {flops * tokens / 1e12:.3f} TFLOP ({param_count(tuned) / 1e6:.1f}M params)"
+          + (f"; matmul peak (jax.numpy 2048^3 float32): {peak / 1e9:.1f} GFLOP/s" if peak else ""), flush=True)
 
-    specs = [("lima_jax", dict(kind="jax", overrides=TUNED))]
+    specs = [("lima_jax", dict(kind="jax", overrides=tuned_settings))]
     if args.jax_default:
         specs.append(("lima_jax-default", dict(kind="jax", overrides={})))
+    extras = []
     for spec in args.jax:
         name, _, kvs = spec.partition(":")
         overrides = {}
         for kv in filter(None, kvs.split(",")):
             k, v = kv.split("=")
             overrides[k] = {"True": True, "False": False}.get(v, int(v) if v.lstrip("-").isdigit() else v)
-        specs.append((name, dict(kind="jax", overrides=overrides)))
+        extras.append((name, dict(kind="jax", overrides=overrides)))
     if not args.no_torch:
-        specs.append(("torch-eager", dict(kind="torch", compile=False)))
-        if not args.no_compile:
-            specs.append(("torch-compile", dict(kind="torch", compile=True)))
+        for bf16 in (False, True) if gpu and args.bf16 else (False,):
+            suffix = "-bf16" if bf16 else ""
+            if bf16:
+                specs.append(("lima_jax-bf16", dict(kind="jax", overrides={**tuned_settings, **BF16})))
+            specs.append((f"torch-eager{suffix}", dict(kind="torch", compile=False, bf16=bf16)))
+            if not args.no_compile:
+                specs.append((f"torch-compile{suffix}", dict(kind="torch", compile=True, bf16=bf16)))
 
+    specs += extras
     pairings = []  # (other variant, lima_jax step times taken beside it)
     with tempfile.TemporaryDirectory() as data_dir:
         hf = hf_model(tuned)
         np.savez(os.path.join(data_dir, "weights.npz"), **{k: v.detach().numpy() for k, v in hf.state_dict().items()})
         np.savez(os.path.join(data_dir, "batch.npz"), **make_batch())
         del hf
-        main_child = Child(*specs[0], data_dir, args.warmup)
+        main_child = Child(*specs[0], data_dir, args)
         for name, spec in specs[1:]:
-            other, beside = Child(name, spec, data_dir, args.warmup), []
+            try:
+                other, beside = Child(name, spec, data_dir, args), []
+            except ChildFailed as e:  # e.g. torch.compile on a new stack: report the others
+                print(f"SKIPPED {e}", flush=True)
+                continue
             for i in range(args.steps):
                 pair = (main_child, other) if i % 2 == 0 else (other, main_child)
                 for child in pair:
@@ -277,51 +344,69 @@ def main():
                         beside.append(t)
             other.stop()
             pairings.append((other, beside))
+            print(f"{name}: {statistics.median(other.times):.4g} s/step, lima_jax beside it "
+                  f"{statistics.median(beside):.4g}", flush=True)
         if not pairings:  # nothing to pair with: time lima_jax alone
             pairings.append((None, [main_child.step() for _ in range(args.steps)]))
         main_child.stop()
 
     children = [main_child] + [c for c, _ in pairings if c is not None]
     reference_loss = next((c.first_loss for c in children if c.name == "torch-eager"), main_child.first_loss)
+    tolerance = 2e-2 if gpu else 1e-3  # TF32 / bfloat16 rounding on a GPU
+    card = main_child.device if gpu else None
     results = {}
-    print("\n| variant | s/step | tokens/s | MFU | speed vs lima_jax beside it | first step (incl. compile) s | "
-          "peak RSS GiB | first loss |")
+    memory = "device peak GiB" if gpu else "peak RSS GiB"
+    print(f"\n| variant | s/step | tokens/s | MFU | speed vs lima_jax beside it | first step (incl. compile) s | "
+          f"{memory} | first loss |")
     print("|---|---|---|---|---|---|---|---|")
     for c in children:
         s = statistics.median(c.times)
         beside = next((b for o, b in pairings if o is c), None)
         relative = statistics.median(beside) / s if beside else 1.0  # > 1: faster than lima_jax
-        settings = {k: getattr(model_cfg(**c.spec["overrides"]), k) for k in ("scan_layers", "remat_policy",
-                    "logits_chunks")} if c.spec["kind"] == "jax" else {}
-        results[c.name] = dict(kind=c.spec["kind"], settings=settings, s_per_step=s, step_times=c.times,
+        jax_cfg = model_cfg(**c.spec["overrides"]) if c.spec["kind"] == "jax" else None
+        settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "dtype",
+                                                     "attention")} if jax_cfg else {}
+        dtype = jax_cfg.dtype if jax_cfg else ("bfloat16" if c.spec.get("bf16") else "float32")
+        variant_peak = published_peak(card, dtype) if gpu else peak
+        mfu = tokens / s * flops / variant_peak if variant_peak else None
+        results[c.name] = dict(kind=c.spec["kind"], dtype=dtype, settings=settings, s_per_step=s, step_times=c.times,
                                lima_jax_times_beside=beside, speed_vs_lima_jax=relative, warmup_times=c.warmup_times,
-                               tokens_per_s=tokens / s, mfu=tokens / s * flops / peak, peak_rss_gib=c.peak_rss_gib,
-                               first_loss=c.first_loss, loss_matches_torch=abs(c.first_loss - reference_loss) < 1e-3)
-        print(f"| {c.name} | {s:.2f} | {tokens / s:.0f} | {100 * tokens / s * flops / peak:.1f}% | {relative:.3f} | "
-              f"{c.warmup_times[0]:.1f} | {c.peak_rss_gib:.2f} | {c.first_loss:.5f} |")
+                               tokens_per_s=tokens / s, mfu=mfu, peak_flops=variant_peak, peak_rss_gib=c.peak_rss_gib,
+                               device_peak_gib=c.device_peak_gib, first_loss=c.first_loss,
+                               loss_matches_torch=abs(c.first_loss - reference_loss) < tolerance)
+        print(f"| {c.name} | {s:.4g} | {tokens / s:.0f} | {f'{100 * mfu:.1f}%' if mfu else '-'} | {relative:.3f} | "
+              f"{c.warmup_times[0]:.1f} | {c.device_peak_gib if gpu else c.peak_rss_gib:.2f} | {c.first_loss:.5f} |")
     bad = [n for n, r in results.items() if not r["loss_matches_torch"]]
     if bad:
-        print(f"LOSS MISMATCH (> 1e-3 from {reference_loss:.5f}): {bad}")
+        print(f"LOSS MISMATCH (> {tolerance:g} from {reference_loss:.5f}): {bad}")
 
-    # Against the best PyTorch variant, each measured beside lima_jax.
-    torch_best = max((r["speed_vs_lima_jax"] for r in results.values() if r["kind"] == "torch"), default=None)
-    speedup = 1.0 / torch_best if torch_best else None
+    def speedup(name, dtype):
+        """lima_jax variant `name` over the fastest PyTorch variant of the same dtype; every
+        speed is relative to the lima_jax child it ran beside, so this is a ratio of those."""
+        torch_best = max((r["speed_vs_lima_jax"] for r in results.values() if r["kind"] == "torch"
+                          and r["dtype"] == dtype), default=None)
+        return results[name]["speed_vs_lima_jax"] / torch_best if name in results and torch_best else None
+
+    speedups = {"float32": speedup("lima_jax", "float32"), "bfloat16": speedup("lima_jax-bf16", "bfloat16")}
     import torch
     import transformers
 
     out = dict(
-        model=dict(BENCH, batch=BATCH, seq=SEQ, tuned=TUNED, params=param_count(tuned)),
-        flops_per_token=flops, tokens_per_step=tokens, matmul_peak_flops=peak,
-        steps=args.steps, warmup=args.warmup, variants=results, speedup_vs_transformers=speedup,
+        model=dict(BENCH, batch=BATCH, seq=SEQ, tuned=tuned_settings, params=param_count(tuned)),
+        flops_per_token=flops, tokens_per_step=tokens, matmul_peak_flops=peak, device=card or "cpu",
+        steps=args.steps, inner_steps=args.inner, warmup=args.warmup, variants=results,
+        speedup_vs_transformers=speedups["float32"], speedup_vs_transformers_bf16=speedups["bfloat16"],
         machine=dict(cpu=platform.machine(), cores=os.cpu_count(), torch_threads=os.cpu_count(),
                      load_before=load_before, load_after=os.getloadavg(), jax=jax.__version__,
                      torch=torch.__version__, transformers=transformers.__version__),
     )
-    path = pathlib.Path(args.output)
+    path = pathlib.Path(args.output or ROOT / "benchmarks" / "results" / f"train_step{'_gpu' if gpu else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    if speedup is not None:
-        print(f"speedup_vs_transformers: {speedup:.3f}")
+    if speedups["bfloat16"] is not None:
+        print(f"speedup_vs_transformers_bf16: {speedups['bfloat16']:.3f}")
+    if speedups["float32"] is not None:
+        print(f"speedup_vs_transformers: {speedups['float32']:.3f}")
 
 
 if __name__ == "__main__":

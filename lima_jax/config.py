@@ -89,4 +89,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
     if model.attention == "splash" and c.data.seq_len % 128:
         raise ValueError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
                          f"{c.data.seq_len} is not a multiple of 128")
+    if model.attention == "cudnn" and model.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"config.model.attention='cudnn' runs in bfloat16 or float16, not config.model.dtype="
+                         f"{model.dtype!r}")
     return model

@@ -1,9 +1,11 @@
-"""Every test runs on 8 emulated CPU devices; these must be set before JAX is imported."""
+"""Every test runs on 8 emulated CPU devices; these must be set before JAX is imported.
+
+`JAX_PLATFORMS=cuda pytest tests/test_attention.py` runs the GPU kernel checks, which skip on CPU."""
 
 import os
 import pathlib
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pytest  # noqa: E402

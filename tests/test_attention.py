@@ -1,5 +1,5 @@
 """The attention kernels against the plain XLA path: the TPU splash kernel (run by its
-interpreter here, so no TPU is needed) and its compilation for a real TPU topology."""
+interpreter here, so no TPU is needed) and, on a GPU, cuDNN's fused kernel."""
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,31 @@ def test_splash_equals_xla_forward_and_backward(monkeypatch, heads, kv_heads):
     np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=2e-5, rtol=0)
     for ours, reference in zip(jax.grad(loss(splash), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU (JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["multi-head", "grouped-query"])
+def test_cudnn_equals_xla_forward_and_backward(heads, kv_heads):
+    """cuDNN takes bfloat16; the reference is the xla path in float32 on the same rounded
+    inputs, so the error is the kernel's bfloat16 arithmetic alone (about 1e-3 relative)."""
+    q, k, v, mask, key = packed_inputs(heads, kv_heads, seq=512)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    cotangent = jax.random.normal(key, q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+
+    xla = lambda q, k, v: attention.xla_attention(q, k, v, mask.allowed, causal=True)  # noqa: E731
+    cudnn = lambda q, k, v: attention.cudnn_attention(q, k, v, mask.segment_ids)  # noqa: E731
+    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+    # Jitted: op by op, every small op compiles its own GPU kernel (minutes for this test).
+    ours = [jax.jit(cudnn)(q, k, v)] + list(jax.jit(jax.grad(loss(cudnn), (0, 1, 2)))(q, k, v))
+    reference = [jax.jit(xla)(*upcast)] + list(jax.jit(jax.grad(loss(xla), (0, 1, 2)))(*upcast))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        a = np.asarray(a.astype(jnp.float32))
+        assert np.isfinite(a).all(), name
+        error = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert error < 1e-2, f"{name}: relative error {error:.2e}"
 
 
 def test_splash_rejects_a_sequence_it_cannot_tile():

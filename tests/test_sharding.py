@@ -79,6 +79,17 @@ def test_heads_not_divisible_by_tensor_names_the_key():
         validate(c, 8)
 
 
+def test_attention_kernel_limits_name_the_keys():
+    c = base_config()
+    c.model.update(attention="splash")
+    c.data.seq_len = 200
+    with pytest.raises(ValueError, match=r"config\.model\.attention='splash' .*seq_len=200"):
+        validate(c, 8)
+    c.model.update(attention="cudnn", dtype="float32")
+    with pytest.raises(ValueError, match=r"config\.model\.attention='cudnn' .*config\.model\.dtype='float32'"):
+        validate(c, 8)
+
+
 def test_fill_axis_takes_the_remaining_devices():
     c = base_config()
     c.mesh.update(data=2, fsdp=-1, tensor=2)

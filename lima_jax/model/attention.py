@@ -6,9 +6,13 @@ to [B, KV, H/KV, S, D] (a free reshape: heads of a group are adjacent) so each K
 serves its group without K/V ever being repeated.
 
 - `xla`: plain einsums + float32 softmax; runs everywhere, the reference for the others.
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU fused attention).
+- `cudnn`: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU), for
+  training: causal, so cuDNN skips the tiles above the diagonal, with the packed segments as
+  a mask.
 - `splash`: the TPU Pallas splash-attention kernel (block-sparse flash attention) for
-  training; decoding with a KV cache uses `xla` (one query a step gains nothing from it).
+  training.
+Decoding with a KV cache uses `xla` under every setting (one query a step gains nothing from
+a flash kernel, and cuDNN wants at least as many queries as its tile).
 """
 
 import math
@@ -37,11 +41,8 @@ def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
     causal = mask.segment_ids is not None
     if impl == "splash" and causal:
         return splash_attention(q, k, v, mask.segment_ids)
-    if impl == "cudnn":
-        seq_major = lambda x: x.swapaxes(1, 2)  # noqa: E731  jax.nn wants [B, T, N, D]
-        out = jax.nn.dot_product_attention(seq_major(q), seq_major(k), seq_major(v), mask=mask.allowed[:, None],
-                                           implementation="cudnn")
-        return seq_major(out)
+    if impl == "cudnn" and causal:
+        return cudnn_attention(q, k, v, mask.segment_ids)
     return xla_attention(q, k, v, mask.allowed, causal)
 
 
@@ -79,6 +80,18 @@ def _attention(q, k, v, mask):
     unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     out = jnp.einsum("bkgst,bktd->bkgsd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / jnp.sum(unnormalised, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def cudnn_attention(q, k, v, segment_ids):
+    """Causal attention within segments by cuDNN's fused kernel (GPU; bfloat16 or float16):
+    q [B, H, S, D], k and v [B, KV, S, D], segment_ids [B, S] -> [B, H, S, D]. The causal
+    part is cuDNN's own mask (it skips the tiles above the diagonal); the segments enter as
+    a same-segment mask, which cuDNN adds to the scores as a bias."""
+    seq_major = lambda x: x.swapaxes(1, 2)  # noqa: E731  jax.nn wants [B, T, N, D]
+    same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    out = jax.nn.dot_product_attention(seq_major(q), seq_major(k), seq_major(v), mask=same_segment, is_causal=True,
+                                       implementation="cudnn")
+    return seq_major(out)
 
 
 # Splash tiles: up to 512 queries x 512 keys (MaxText's default on v4/v5p), forward and backward
