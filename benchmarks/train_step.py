@@ -45,8 +45,9 @@ each child's peak device memory.
 
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3 (float32
 on CPU; 2e-2 where TF32 or bfloat16 rounding enters, on GPU).
-Writes benchmarks/results/train_step.json and ends with `speedup_vs_transformers: X`
-(lima_jax's speed over the best PyTorch variant's, each measured beside lima_jax).
+Writes benchmarks/results/train_step.json (train_step_gpu.json on a GPU) and ends with
+`speedup_vs_transformers: X` (lima_jax's speed over the best PyTorch variant's, each
+measured beside lima_jax; on a GPU with `--bf16`, also `speedup_vs_transformers_bf16`).
 """
 
 import argparse
@@ -204,8 +205,8 @@ def serve_child(spec: dict, data_dir: str, warmup: int, inner: int):
         import torch
 
         step = torch_step(hf_state, batch, spec["compile"], spec.get("bf16", False))
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         on_gpu = torch.cuda.is_available()
+        device = torch.cuda.get_device_name() if on_gpu else "cpu"
         sync = torch.cuda.synchronize if on_gpu else lambda: None
         device_peak = torch.cuda.max_memory_allocated if on_gpu else lambda: 0
     del hf_state  # the step holds its own copy of the weights; this one would only add to the peak
