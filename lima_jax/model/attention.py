@@ -11,8 +11,8 @@ serves its group without K/V ever being repeated.
   a mask.
 - `splash`: the TPU Pallas splash-attention kernel (block-sparse flash attention) for
   training.
-Decoding with a KV cache uses `xla` under every setting (one query a step gains nothing from
-a flash kernel, and cuDNN wants at least as many queries as its tile).
+Decoding with a KV cache uses `xla` under every setting: one query a step over a cache gains
+nothing from a flash kernel.
 """
 
 import math
