@@ -72,7 +72,7 @@ from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from lima_jax.train.step import TrainState, compiler_options, make_train_step  # noqa: E402
+from lima_jax.train.step import TrainState, compile_step, compiler_options, make_train_step  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,11 +149,13 @@ def jax_step(cfg: ModelConfig, hf_state: dict, batch: dict):
                       donate_argnums=0, compiler_options=compiler_options())
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(0)
-    holder = [state]
+    holder, compiled = [state], []
     del state, params  # the step donates the state: only the holder keeps it
 
     def step():
-        holder[0], metrics = step_fn(holder[0], batch, key)
+        if not compiled:  # the first step compiles, as the train loop does
+            compiled.append(compile_step(step_fn, holder[0], batch, key))
+        holder[0], metrics = compiled[0](holder[0], batch, key)
         return metrics["loss"]  # float() on it waits for the whole step: one program, one completion
 
     return step

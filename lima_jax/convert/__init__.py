@@ -5,7 +5,8 @@
 - `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one layer's tensor at a time.
 - `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT), one
   tensor at a time.
-- `hostmem`: glibc heap settings that keep RSS at about one tensor while streaming.
+- Host memory: `lima_jax.hostmem`'s glibc heap settings keep RSS at about one tensor while
+  streaming.
 """
 
 from lima_jax.convert.sources import ConversionError

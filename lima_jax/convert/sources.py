@@ -70,7 +70,7 @@ def _page_out(start: int, end: int) -> bool:
     import ctypes
     import mmap
 
-    from lima_jax.convert.hostmem import libc
+    from lima_jax.hostmem import libc
 
     if end <= start:
         return True

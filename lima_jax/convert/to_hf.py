@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax.convert.hostmem import bound_heap
+from lima_jax.hostmem import bound_heap
 from lima_jax.convert.layout import LAYOUT, get_path
 from lima_jax.convert.sources import ConversionError
 from lima_jax.model import ModelConfig, abstract_params

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax.convert.hostmem import bound_heap, return_freed_memory
+from lima_jax.hostmem import bound_heap, return_freed_memory
 from lima_jax.convert.layout import LAYOUT, get_path, mean_row
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
 from lima_jax.model import ModelConfig, abstract_params

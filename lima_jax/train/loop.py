@@ -23,7 +23,8 @@ from lima_jax.model import flops_per_token, init_params
 from lima_jax.sharding import make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import TrainState, abstract_train_state, compiler_options, make_eval_step, make_train_step
+from lima_jax.train.step import (TrainState, abstract_train_state, compile_step, compiler_options, make_eval_step,
+                                 make_train_step)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,7 +82,7 @@ def train(config, workdir) -> TrainState:
     flops_per_real_token = flops_per_token(model_cfg, config.data.seq_len)
     peak = peak_flops_per_device(override=config.train.peak_flops_per_device)
     progress = progress_bar(start, total_steps)
-    last_time, pending = time.perf_counter(), []
+    last_time, pending, compiled_step = time.perf_counter(), [], None
     try:
         with jax.set_mesh(mesh):
             for step in range(start, total_steps):
@@ -89,8 +90,10 @@ def train(config, workdir) -> TrainState:
                     break
                 batch = pipeline.global_batch(next(train_iter), mesh)
                 profile(config.train.profile_steps, step, workdir)
+                if compiled_step is None:  # every batch has the first one's shapes and shardings
+                    compiled_step = compile_step(train_step, state, batch, dropout_key)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = train_step(state, batch, dropout_key)
+                    state, metrics = compiled_step(state, batch, dropout_key)
                 pending.append(metrics)
                 done = step + 1
                 if done % config.train.log_every_steps == 0 or done in epoch_ends or done == total_steps:

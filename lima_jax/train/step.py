@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lima_jax import hostmem
 from lima_jax.model import abstract_params, param_logical_axes
 from lima_jax.sharding import constrain, named_shardings
 from lima_jax.train import loss as loss_lib
@@ -48,6 +49,15 @@ def compiler_options() -> dict | None:
     if jax.default_backend() == "cpu":
         return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
     return None
+
+
+def compile_step(jitted, *args):
+    """`jitted` compiled ahead of time for these arguments, then the compiler's freed working
+    memory handed back to the OS. glibc keeps it otherwise, and the first step's buffers come
+    on top of it: bench-110m on CPU, peak RSS 6.59 -> 6.21 GiB (the later steps' own peak)."""
+    compiled = jitted.lower(*args).compile()
+    hostmem.return_freed_memory()
+    return compiled
 
 
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):

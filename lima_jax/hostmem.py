@@ -1,4 +1,5 @@
-"""Keeping a streaming conversion's resident memory at about one tensor (glibc heap settings).
+"""Host memory under glibc: keeping a streaming conversion's resident memory at about one
+tensor, and handing the compiler's working memory back after compiling the train step.
 
 The converter allocates and frees one tensor after another (tens of MB to ~1 GB each at 65B).
 glibc's default malloc raises its mmap threshold to the size of the last large block freed,
