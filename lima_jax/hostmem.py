@@ -5,8 +5,9 @@ The converter allocates and frees one tensor after another (tens of MB to ~1 GB 
 glibc's default malloc raises its mmap threshold to the size of the last large block freed,
 after which such tensors come from the heap arenas and their pages stay resident when freed:
 RSS creeps up tensor by tensor. `bound_heap()` fixes the threshold (blocks of 1 MB and more are
-mapped and unmapped on their own), `return_freed_memory()` trims what the arenas hold. Both are
-no-ops where glibc is not the allocator.
+mapped and unmapped on their own), `return_freed_memory()` trims what the arenas hold. The
+train step's compilation leaves its working memory in those arenas too, which
+`train.step.compile_step` trims the same way. All are no-ops where glibc is not the allocator.
 """
 
 import ctypes
