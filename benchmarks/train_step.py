@@ -40,7 +40,8 @@ run as TF32 on both sides (JAX's default there; PyTorch is set to match with
 `torch.set_float32_matmul_precision("high")`), `--bf16` adds bfloat16 variants (lima_jax
 `dtype=bfloat16` with float32 parameters, cuDNN attention; PyTorch autocast). A timed step is
 `--inner` steps (default 20) over one device sync, since one step takes milliseconds. MFU is
-counted against the card's published dense peak (TF32 or BF16, `PUBLISHED_PEAKS`); memory is
+counted against the card's published dense peak (BF16 from `train.metrics.PEAK_FLOPS`, TF32
+half of it); memory is
 each child's peak device memory.
 
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3 (float32
@@ -71,6 +72,7 @@ import numpy as np  # noqa: E402
 from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
+from lima_jax.train.metrics import peak_flops_per_device  # noqa: E402
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from lima_jax.train.step import TrainState, compile_step, compiler_options, make_train_step  # noqa: E402
 
@@ -87,13 +89,8 @@ TUNED = dict(scan_layers=False, remat_policy="dots", logits_chunks=4)
 # On a GPU this model is small: nothing to save memory for, so no remat and one logits chunk.
 GPU_TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=1)
 BF16 = dict(dtype="bfloat16", attention="cudnn")
-# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, SXM parts unless
-# named; matched against jax's device_kind in this order.
-PUBLISHED_PEAKS = (("H100 PCIe", dict(float32=378e12, bfloat16=756e12)),
-                   ("H200 NVL", dict(float32=417e12, bfloat16=835e12)),
-                   ("H100", dict(float32=494.7e12, bfloat16=989.4e12)),
-                   ("H200", dict(float32=494.7e12, bfloat16=989.4e12)),
-                   ("A100", dict(float32=156e12, bfloat16=312e12)))
+# NVIDIA's tensor cores (Ampere, Hopper) run TF32 at half their dense bfloat16 rate.
+TF32_SHARE_OF_BF16_PEAK = 0.5
 LR, WD, CLIP, B1, B2, EPS = 1e-5, 0.1, 1.0, 0.9, 0.95, 1e-8
 
 
@@ -224,7 +221,8 @@ def serve_child(spec: dict, data_dir: str, warmup: int, inner: int):
 
     warm = [timed_round(1) for _ in range(warmup)]
     print(json.dumps(dict(warmup_times=[t for t, _ in warm], first_loss=warm[0][1],
-                          device=getattr(device, "device_kind", str(device)))), flush=True)
+                          device=getattr(device, "device_kind", str(device)),
+                          bf16_peak=peak_flops_per_device(device) if spec["kind"] == "jax" else None)), flush=True)
     for line in sys.stdin:
         if line.strip() == "stop":
             break
@@ -269,10 +267,6 @@ class Child:
         self.proc.stdin.flush()
         self.__dict__.update(self._reply())  # peak_rss_gib, device_peak_gib
         self.proc.wait()
-
-
-def published_peak(device_kind: str, dtype: str) -> float | None:
-    return next((peaks[dtype] for name, peaks in PUBLISHED_PEAKS if name in device_kind), None)
 
 
 def main():
@@ -370,7 +364,9 @@ def main():
         settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "dtype",
                                                      "attention")} if jax_cfg else {}
         dtype = jax_cfg.dtype if jax_cfg else ("bfloat16" if c.spec.get("bf16") else "float32")
-        variant_peak = published_peak(card, dtype) if gpu else peak
+        variant_peak = peak
+        if gpu and main_child.bf16_peak:
+            variant_peak = main_child.bf16_peak * (1.0 if dtype == "bfloat16" else TF32_SHARE_OF_BF16_PEAK)
         mfu = tokens / s * flops / variant_peak if variant_peak else None
         results[c.name] = dict(kind=c.spec["kind"], dtype=dtype, settings=settings, s_per_step=s, step_times=c.times,
                                lima_jax_times_beside=beside, speed_vs_lima_jax=relative, warmup_times=c.warmup_times,

@@ -48,7 +48,6 @@ def test_oversized_config_is_reported_as_not_fitting():
     assert "DOES NOT FIT" in r.stdout + r.stderr
 
 
-
 def test_splash_attention_compiles_for_tpu(tmp_path):
     # The Pallas kernels go through Mosaic (libtpu's compiler) here; their numerics are checked
     # against the XLA path in tests/test_attention.py (interpreted).

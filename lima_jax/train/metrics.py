@@ -20,8 +20,10 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
     "NVIDIA A100": 312e12,
 }
 
