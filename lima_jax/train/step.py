@@ -92,14 +92,19 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A non-finite loss leaves the state as it was; the loop sees the loss and stops, so
-        # the last good checkpoint stays the newest.
+        # the last good checkpoint stays the newest. A cond rather than a select of old and new
+        # values: the update runs in place on the donated state and nothing reads all of the
+        # parameters and moments a second time (bench-110m on CPU: 2.6% of the step).
         finite = jnp.isfinite(loss)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(state.step + finite.astype(state.step.dtype), keep(params, state.params),
-                               keep(opt_state, state.opt_state))
+
+        def update(params, opt_state, grads):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
+                                         state.params, state.opt_state, grads)
+        new_state = TrainState(state.step + finite.astype(state.step.dtype), params, opt_state)
         metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                        target_tokens=count, real_tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
