@@ -42,8 +42,7 @@ run as TF32 on both sides (JAX's default there; PyTorch is set to match with
 `dtype=bfloat16` with float32 parameters, cuDNN attention; PyTorch autocast). A timed step is
 `--inner` steps (default 20) over one device sync, since one step takes milliseconds. MFU is
 counted against the card's published dense peak (BF16 from `train.metrics.PEAK_FLOPS`, TF32
-half of it); memory is
-each child's peak device memory.
+half of it); memory is each child's peak device memory.
 
 Sanity: every variant's first-step loss must agree with torch-eager's within 1e-3 (float32
 on CPU; 2e-2 where TF32 or bfloat16 rounding enters, on GPU).
@@ -140,15 +139,18 @@ def matmul_peak(n=2048, repeats=10) -> float:
     return 2 * n**3 / best
 
 
-def jax_step(cfg: ModelConfig, hf_state: dict, batch: dict, grad_accum_steps: int = 1):
-    """A callable running one lima_jax train step; returns the loss (not waited for)."""
+def jax_step(settings: dict, hf_state: dict, batch: dict):
+    """A callable running one lima_jax train step with a variant's settings (model overrides
+    and `grad_accum_steps`); returns the loss (not waited for)."""
+    cfg = model_cfg(**settings)
     config = base_config()
     config.optimizer.update(learning_rate=LR, end_learning_rate=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                             grad_clip_norm=CLIP)
     optimizer = make_optimizer(config.optimizer, 1000)
     params = jax.tree.map(jnp.asarray, params_from_hf(hf_state, cfg))
     state = TrainState(jnp.int32(0), params, optimizer.init(params))
-    step_fn = jax.jit(make_train_step(cfg, optimizer, learning_rate_schedule(config.optimizer, 1000), grad_accum_steps),
+    step_fn = jax.jit(make_train_step(cfg, optimizer, learning_rate_schedule(config.optimizer, 1000),
+                                      settings.get("grad_accum_steps", 1)),
                       donate_argnums=0, compiler_options=compiler_options())
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(0)
@@ -203,7 +205,7 @@ def serve_child(spec: dict, data_dir: str, warmup: int, inner: int):
     hf_state = dict(np.load(os.path.join(data_dir, "weights.npz")))
     batch = dict(np.load(os.path.join(data_dir, "batch.npz")))
     if spec["kind"] == "jax":
-        step = jax_step(model_cfg(**spec["overrides"]), hf_state, batch, spec["overrides"].get("grad_accum_steps", 1))
+        step = jax_step(spec["overrides"], hf_state, batch)
         device = jax.devices()[0]
         sync, device_peak = lambda: None, lambda: (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
     else:
