@@ -76,9 +76,10 @@ class Llama(nnx.Module):
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, "batch", "length", "act_embed")
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-
         seq = tokens.shape[1]
+        # positions < max_seq_len in training; a sampler may run past it (it warns), up to its cache
+        longest = max(cfg.max_seq_len, seq, 0 if cache is None else cache["segment_ids"].shape[1])
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, longest)
         if cache is None:
             q_slot = k_slot = jnp.arange(seq)[None, :]
             k_segments = segment_ids
