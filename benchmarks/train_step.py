@@ -369,9 +369,9 @@ def main():
         beside = next((b for o, b in pairings if o is c), None)
         relative = statistics.median(beside) / s if beside else 1.0  # > 1: faster than lima_jax
         jax_cfg = model_cfg(**c.spec["overrides"]) if c.spec["kind"] == "jax" else None
-        settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "dtype",
-                                                     "attention")} if jax_cfg else {}
-        if jax_cfg:
+        settings = {}
+        if jax_cfg:  # the model settings in effect, defaults included, and the micro-batches
+            settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "dtype", "attention")}
             settings["grad_accum_steps"] = c.spec["overrides"].get("grad_accum_steps", 1)
         dtype = jax_cfg.dtype if jax_cfg else ("bfloat16" if c.spec.get("bf16") else "float32")
         variant_peak = peak
