@@ -88,7 +88,9 @@ BATCH, SEQ = 8, 512
 # activations are a quarter the size, so no remat and one logits chunk fit in less memory
 # than remat `dots` over the whole batch did, and XLA:CPU's per-step temporaries (fresh
 # pages from the kernel every step) shrink with them: 12% faster, at 4.3 instead of 6.2 GiB.
-TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=1, grad_accum_steps=4)
+# `transposed_wgrad`: weight gradients from a transposed copy of their input, the operand
+# order XLA:CPU's fast matmul library takes (lima_jax/model/dense.py).
+TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=1, transposed_wgrad=True, grad_accum_steps=4)
 # On a GPU this model is small: nothing to save memory for, so no remat and one logits chunk.
 GPU_TUNED = dict(scan_layers=False, remat_policy="none", logits_chunks=1)
 BF16 = dict(dtype="bfloat16", attention="cudnn")
@@ -371,7 +373,8 @@ def main():
         jax_cfg = model_cfg(**c.spec["overrides"]) if c.spec["kind"] == "jax" else None
         settings = {}
         if jax_cfg:  # the model settings in effect, defaults included, and the micro-batches
-            settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "dtype", "attention")}
+            settings = {k: getattr(jax_cfg, k) for k in ("scan_layers", "remat_policy", "logits_chunks", "transposed_wgrad",
+                                                    "dtype", "attention")}
             settings["grad_accum_steps"] = c.spec["overrides"].get("grad_accum_steps", 1)
         dtype = jax_cfg.dtype if jax_cfg else ("bfloat16" if c.spec.get("bf16") else "float32")
         variant_peak = peak

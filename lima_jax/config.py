@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=32001, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
         norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, vocab_multiple=128,
         dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
-        attention="xla", residual_dropout=0.2, logits_chunks=4,
+        attention="xla", residual_dropout=0.2, logits_chunks=4, transposed_wgrad=False,
     ))
 
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.

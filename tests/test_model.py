@@ -9,6 +9,7 @@ import transformers
 
 from lima_jax.convert.layout import params_from_hf
 from lima_jax.model import ModelConfig, bind, param_count
+from lima_jax.train.loss import lm_loss
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -50,6 +51,25 @@ def test_logits_match_transformers(cfg, seq):
     assert ours.shape[-1] == cfg.padded_vocab_size
     np.testing.assert_array_less(ours[..., cfg.vocab_size:], -1e30)  # padded rows can never win
     np.testing.assert_allclose(ours[..., : cfg.vocab_size], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("transposed_wgrad", [False, True], ids=["autodiff-matmuls", "transposed-wgrad"])
+def test_gradients_match_transformers(transposed_wgrad):
+    """The train loss's gradient for every weight against torch autograd through the HF model:
+    covers the chunked loss's own VJP, the causal blocks and `model.transposed_wgrad`."""
+    cfg = ModelConfig(**{**GQA.__dict__, "logits_chunks": 2, "transposed_wgrad": transposed_wgrad})
+    model = hf_model(cfg)
+    seq = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 65))
+    tokens, targets = seq[:, :-1], seq[:, 1:]
+    logits = model(torch.tensor(tokens)).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), torch.tensor(targets).reshape(-1)).backward()
+    expected = params_from_hf({k: p.grad.numpy() for k, p in model.named_parameters()}, cfg)
+
+    batch = dict(tokens=tokens, targets=targets, positions=np.broadcast_to(np.arange(64), tokens.shape),
+                 segment_ids=np.ones_like(tokens), loss_weights=np.ones(tokens.shape, np.float32))
+    loss = lambda p: lm_loss(cfg, p, {k: jnp.asarray(v) for k, v in batch.items()})[0]  # noqa: E731
+    ours = jax.jit(jax.grad(loss))(hf_params(model, cfg))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), ours, expected)
 
 
 def test_packed_rows_equal_separate_examples():

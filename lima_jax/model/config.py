@@ -31,6 +31,7 @@ class ModelConfig:
     attention: str = "xla"
     residual_dropout: float = 0.0  # rate at the last layer; 0 at the first, linear between
     logits_chunks: int = 4  # hidden states are cut in this many pieces for the loss
+    transposed_wgrad: bool = False  # XLA:CPU: weight gradients read a transposed copy (model/dense.py)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

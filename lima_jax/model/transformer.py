@@ -16,6 +16,7 @@ from flax import nnx
 
 from lima_jax.model.attention import AttentionMask
 from lima_jax.model.config import ModelConfig
+from lima_jax.model.dense import dense
 from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables, write_rows
 from lima_jax.sharding import constrain
 
@@ -151,7 +152,8 @@ class Llama(nnx.Module):
 
 def output_logits(cfg: ModelConfig, lm_head: jax.Array, hidden: jax.Array) -> jax.Array:
     """The output head as a function of its weight [D, Vp] (the loss differentiates it per chunk)."""
-    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    logits = dense(hidden, lm_head.astype(cfg.compute_dtype), transposed_wgrad=cfg.transposed_wgrad,
+                   out_dtype=jnp.float32)
     if cfg.padded_vocab_size != cfg.vocab_size:
         real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
