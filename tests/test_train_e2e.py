@@ -40,8 +40,11 @@ def finish(proc, timeout=400):
 
 
 def losses(workdir):
-    """step -> train loss, the last row written for a step (a resumed run rewrites its steps)."""
+    """step -> train loss; a resumed run drops an interrupted run's rows after its checkpoint,
+    so every step has one row."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice in {workdir}/metrics.jsonl"
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 

@@ -78,7 +78,7 @@ def train(config, workdir) -> TrainState:
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)
     flops_per_real_token = flops_per_token(model_cfg, config.data.seq_len)
     peak = peak_flops_per_device(override=config.train.peak_flops_per_device)
     progress = progress_bar(start, total_steps)

@@ -1,5 +1,10 @@
 """Metrics: TensorBoard, WORKDIR/metrics.jsonl (appended across restarts), and MFU.
 
+A run resumed from the checkpoint of step N first drops what an interrupted run logged after
+step N (it will log those steps again): rows of metrics.jsonl past N, and TensorBoard events
+past N through the writer's `purge_step`. So every step appears once, as the run that
+produced the final weights computed it.
+
 MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices), with model
 FLOPs from `lima_jax.model.flops_per_token` (6N + attention) on the real (non-padding)
 tokens of the step. Peaks are the published dense bf16 figures per chip kind.
@@ -42,14 +47,26 @@ def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
 class MetricsWriter:
     """One writer for both sinks; only process 0 writes."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, start_step: int = 0):
+        """`start_step`: the step the run starts from (the restored checkpoint's, or 0)."""
         self.active = jax.process_index() == 0
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.active:
             from tensorboardX import SummaryWriter  # lazy: a heavy import, and only process 0 needs it
 
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            self._drop_rows_after(start_step)
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+
+    def _drop_rows_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) < len(lines):  # written whole beside it, then swapped in: no half file
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -65,3 +82,11 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    """A row's step; infinite for a line cut short by a kill mid-write, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return float("inf")
