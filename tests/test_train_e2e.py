@@ -43,9 +43,9 @@ def losses(workdir):
     """step -> train loss; a resumed run drops an interrupted run's rows after its checkpoint,
     so every step has one row."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    assert len(steps) == len(set(steps)), f"steps logged twice in {workdir}/metrics.jsonl"
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert len(loss) == sum("loss" in r for r in rows), f"steps logged twice in {workdir}/metrics.jsonl"
+    return loss
 
 
 def final_params(workdir):
