@@ -11,8 +11,11 @@ mid-save leaves nothing that `latest_step()` would pick for a resume. Restores r
 the target shardings, so each host reads only the bytes of the shards it holds.
 """
 
+import base64
+import dataclasses
 import os
 import pathlib
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -68,25 +71,61 @@ def restore_params(path, abstract_params, shardings) -> dict:
     return restored[PARAMS]
 
 
-def read_meta(path) -> dict:
-    """The JSON `meta` item (model config and run facts) of a checkpoint."""
+@dataclasses.dataclass
+class CheckpointMeta:
+    """The one `meta` record of every checkpoint: written by training and conversion, read by
+    training (resume checks), sampling and export. Stored as the JSON item `meta`, so it is
+    saved and committed atomically with the arrays.
+
+    model: the ModelConfig fields. eot_id: LIMA's end-of-turn id, None for a base model
+    converted without it. tokenizer: the SentencePiece model proto the weights were trained
+    with (bytes; None if unknown), so sampling and export never guess. config: the training
+    config (training checkpoints). run: the run-defining values a resume must match.
+    source: where the weights came from ("train", or a conversion record)."""
+
+    model: dict
+    step: int = 0
+    eot_id: int | None = None
+    tokenizer: bytes | None = None
+    config: dict | None = None
+    run: dict | None = None
+    source: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tokenizer"] = None if self.tokenizer is None else base64.b64encode(self.tokenizer).decode("ascii")
+        return out
+
+    @classmethod
+    def from_json(cls, record: dict) -> "CheckpointMeta":
+        record = dict(record)
+        tokenizer = record.pop("tokenizer", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        meta = cls(**{k: v for k, v in record.items() if k in known})
+        meta.tokenizer = None if tokenizer is None else base64.b64decode(tokenizer)
+        return meta
+
+
+def read_meta(path) -> CheckpointMeta:
+    """The `meta` record of a checkpoint (see `locate` for `path`)."""
     root, step = locate(path)
     with manager(root, read_only=True) as mngr:
-        return dict(mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+        record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    return CheckpointMeta.from_json(record)
 
 
-def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
+def save_params(directory, params, meta: CheckpointMeta, step: int = 0) -> pathlib.Path:
     """Write a params-only checkpoint (the converter's output) and wait until it is complete."""
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
-                                                   META: ocp.args.JsonSave(meta)}))
+                                                   META: ocp.args.JsonSave(meta.to_json())}))
         mngr.wait_until_finished()
     return as_path(directory) / str(step)
 
 
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
 
-def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overwrite: bool = False,
+def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0, *, overwrite: bool = False,
                           chunk_bytes: int = 32 << 20, compress: bool = False,
                           node_cache_bytes: int = 0) -> epath.Path:
     """Write a params-only checkpoint one layer slice at a time; restores like `save_params`'s.
@@ -166,7 +205,7 @@ def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overw
             "store_array_data_equal_to_fill_value": ts_utils.STORE_ARRAY_DATA_EQUAL_TO_FILL_VALUE,
             "custom_metadata": None}))
         (step_dir / META).mkdir()
-        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
+        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta.to_json()))
         (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps({
             "item_handlers": {
                 META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",

@@ -98,7 +98,7 @@ def test_stacked_leaves_are_chunked_within_a_layer_and_restore_with_orbax(tmp_pa
 
 def test_export_reads_a_trainer_written_checkpoint(tmp_path, state_dict):
     """Checkpoints the trainer writes (Orbax StandardSave: zarr2, per-process OCDBT) export too."""
-    checkpoint.save_params(tmp_path / "ckpt", params_from_hf(state_dict, MHA), {"model": dataclasses.asdict(MHA)})
+    checkpoint.save_params(tmp_path / "ckpt", params_from_hf(state_dict, MHA), checkpoint.CheckpointMeta(model=dataclasses.asdict(MHA)))
     assert not checkpoint.ParamsReader(tmp_path / "ckpt").use_zarr3
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=50_000)
     exported = read_safetensors(tmp_path / "hf")

@@ -24,8 +24,9 @@ def ckpt(tmp_path_factory, shared_dir):
     cfg = model_config(c)
     params = init_params(cfg, jax.random.key(0))
     path = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save_params(path / "with_config", params, {"config": json.loads(c.to_json_best_effort())})
-    checkpoint.save_params(path / "model_only", params, {"model": cfg.__dict__})
+    checkpoint.save_params(path / "with_config", params,
+                           checkpoint.CheckpointMeta(model={}, config=json.loads(c.to_json_best_effort())))
+    checkpoint.save_params(path / "model_only", params, checkpoint.CheckpointMeta(model=cfg.__dict__))
     return path, c
 
 

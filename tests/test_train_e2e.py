@@ -57,11 +57,11 @@ def final_params(workdir):
     from lima_jax.model import abstract_params
 
     meta = ckpt.read_meta(workdir)
-    cfg = model_config(ml_collections.ConfigDict(meta["config"]))
+    cfg = model_config(ml_collections.ConfigDict(meta.config))
     abstract = abstract_params(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = ckpt.restore_params(workdir, abstract, jax.tree.map(lambda _: device, abstract))
-    return meta["step"], jax.tree.map(np.asarray, params)
+    return meta.step, jax.tree.map(np.asarray, params)
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -110,9 +110,9 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     meta = checkpoint.read_meta(checkpoint_path)
-    if "model" not in meta:
+    if not meta.model:
         raise ConversionError(f"{checkpoint_path}: its meta item has no model config")
-    cfg = ModelConfig.from_config(meta["model"])
+    cfg = ModelConfig.from_config(meta.model)
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
     tok_files = _tokenizer_files(tokenizer)
@@ -148,8 +148,8 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         (tmp / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, meta.get("eot_id")), indent=2))
-        gen = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID if meta.get("eot_id") is None else [EOS_ID, meta["eot_id"]]}
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, meta.eot_id), indent=2))
+        gen = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID if meta.eot_id is None else [EOS_ID, meta.eot_id]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for f, name in tok_files:
             shutil.copy2(f, tmp / name)

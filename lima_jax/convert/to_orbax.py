@@ -114,10 +114,9 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
                         param_dtype=param_dtype or (None if config is not None else "float32"),
                         arch_file=str(src.dir / src.arch_file))
     src.check(ModelConfig(**arch, vocab_multiple=1))
-    meta = {"model": dataclasses.asdict(cfg),
-            "converted_from": {"source": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]}}
-    if add_eot:
-        meta["eot_id"] = arch["vocab_size"]
+    meta = checkpoint.CheckpointMeta(
+        model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None,
+        source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
     stats: dict = {}
     checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
                                      meta, overwrite=overwrite)

@@ -205,11 +205,11 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
 
     if config is None:
         meta = checkpoint.read_meta(checkpoint_path)
-        if "config" in meta:
-            config = ml_collections.ConfigDict(meta["config"])
-        elif "model" in meta:
+        if meta.config:
+            config = ml_collections.ConfigDict(meta.config)
+        elif meta.model:
             config = base_config()
-            config.model.update(meta["model"])
+            config.model.update(meta.model)
         else:
             raise ValueError(f"{checkpoint_path}: its meta has neither 'config' nor 'model'; pass --config")
     if mesh_overrides:

@@ -175,12 +175,13 @@ def restore_or_init(config, model_cfg, manager, train_iter, abstract_state, shar
 def save(manager, step, state, train_iter, model_cfg, config):
     if manager.latest_step() == step:
         return
-    meta = {"step": step, "model": model_cfg.__dict__, "config": json.loads(config.to_json_best_effort())}
+    meta = ckpt.CheckpointMeta(model=dict(model_cfg.__dict__), step=step, eot_id=model_cfg.vocab_size - 1,
+                               config=json.loads(config.to_json_best_effort()), source={"from": "train"})
     manager.save(step, args=ocp.args.Composite(**{
         ckpt.PARAMS: ocp.args.StandardSave(state.params),
         ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
         ckpt.DATA_ITER: grain.checkpoint.CheckpointSave(train_iter),
-        ckpt.META: ocp.args.JsonSave(meta),
+        ckpt.META: ocp.args.JsonSave(meta.to_json()),
     }))
 
 
