@@ -13,8 +13,10 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU topology, run nothing
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags
+from ml_collections import config_flags
+
+from lima_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "ml-collections config file.", lock_config=True)
 flags.DEFINE_string("topology", None, "Slice name: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips).")
@@ -50,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)  # main's return value is the exit status

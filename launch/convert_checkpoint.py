@@ -12,8 +12,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab accelerators
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags
+from ml_collections import config_flags
+
+from lima_jax import cli
 
 flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax.")
 flags.DEFINE_enum("to", "orbax", ["orbax", "hf"], "Output format: an Orbax checkpoint or a Hugging Face folder.")
@@ -34,27 +36,24 @@ def main(argv):
     del argv
     from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 
-    try:
-        if FLAGS.to == "hf":
-            report = export_hf(FLAGS.input, FLAGS.output, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
-                               overwrite=FLAGS.overwrite)
-            print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)")
-        else:
-            if FLAGS.source is None:
-                raise ConversionError("--source meta|hf is required when converting to Orbax")
-            from lima_jax.config import model_config
+    if FLAGS.to == "hf":
+        report = export_hf(FLAGS.input, FLAGS.output, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
+                           overwrite=FLAGS.overwrite)
+        print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)")
+    else:
+        if FLAGS.source is None:
+            raise ConversionError("--source meta|hf is required when converting to Orbax")
+        from lima_jax.config import model_config
 
-            report = convert_to_orbax(
-                FLAGS.source, FLAGS.input, FLAGS.output, add_eot=FLAGS.add_eot, vocab_multiple=FLAGS.vocab_multiple,
-                param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
-                config=model_config(FLAGS.config) if FLAGS.config is not None else None)
-            mb = report["bytes_read"] / 1e6
-            print(f"wrote {report['output']}: {mb:.1f} MB read in {report['seconds']:.1f} s "
-                  f"({mb / report['seconds']:.1f} MB/s); vocab {report['model'].vocab_size} "
-                  f"padded to {report['model'].padded_vocab_size}")
-    except (ConversionError, FileExistsError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        report = convert_to_orbax(
+            FLAGS.source, FLAGS.input, FLAGS.output, add_eot=FLAGS.add_eot, vocab_multiple=FLAGS.vocab_multiple,
+            param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+            config=model_config(FLAGS.config) if FLAGS.config is not None else None)
+        mb = report["bytes_read"] / 1e6
+        print(f"wrote {report['output']}: {mb:.1f} MB read in {report['seconds']:.1f} s "
+              f"({mb / report['seconds']:.1f} MB/s); vocab {report['model'].vocab_size} "
+              f"padded to {report['model'].padded_vocab_size}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # ConversionError, existing or missing paths: one line, exit 2

@@ -7,8 +7,10 @@ flags. Any config value can be overridden: --config.train.epochs=10.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lima_jax import cli
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml-collections config file.")
 flags.DEFINE_string("workdir", "workdir/tiny", "Work dir (local or gs://): checkpoints, metrics, config.")
@@ -35,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

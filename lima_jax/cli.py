@@ -1,0 +1,209 @@
+"""Command-line errors: an expected failure (bad data, bad config, a missing or existing file,
+a full disk, an unreachable bucket, a refused resume) ends a launch script with one short
+message (what, where, what to do) and exit status 2; anything else keeps its traceback.
+`LIMA_JAX_TRACEBACK=1` shows the traceback of every failure.
+
+    if __name__ == "__main__":
+        cli.run(main)   # absl's app.run(main), expected failures reported briefly
+
+Exceptions are recognised by class name, so this module imports nothing heavy (no JAX) and
+works before the modules that define them are loaded.
+"""
+
+import dataclasses
+import errno
+import os
+import re
+import shutil
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+
+EXIT_EXPECTED = 2
+TRACEBACK_ENV = "LIMA_JAX_TRACEBACK"
+MAX_DETAIL_LINES, MAX_LINE_CHARS = 4, 400  # a long tensorstore/XLA message is cut, not printed whole
+
+# Flags whose value is where a script writes: the "where" of a full disk when the error names no path.
+OUTPUT_FLAGS = ("workdir", "output", "json")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(_PACKAGE_DIR), d) + os.sep for d in ("lima_jax", "launch", "configs"))
+_GS_BUCKET = re.compile(r"gs://([a-z0-9][-a-z0-9_.]*)")
+_QUOTED_PATH = re.compile(r"""["'](gs://[^"']+|/[^"']+)["']""")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An expected failure, as the user reads it."""
+
+    what: str  # the kind: "bad data", "disk full", ...
+    detail: str  # the exception's own message (it names the file)
+    todo: str = ""  # what to do about it
+
+    def message(self) -> str:
+        lines = [f"error: {self.what}: {self.detail}"]
+        if self.todo:
+            lines.append(f"  {self.todo}")
+        lines.append(f"  ({TRACEBACK_ENV}=1 shows the traceback)")
+        return "\n".join(lines)
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """absl's `app.run(main)`, with expected failures reported as one short message."""
+    from absl import app
+
+    app.run(lambda argv: guarded(main, argv))
+
+
+def guarded(main: Callable[[list[str]], object], argv: list[str]) -> object:
+    """`main(argv)`; an expected failure prints its message and exits with EXIT_EXPECTED."""
+    try:
+        return main(argv)
+    except Exception as e:  # classified below; anything unrecognised is re-raised
+        failure = describe(e, sys.argv)
+        if failure is None or traceback_requested():
+            raise
+        sys.stdout.flush()  # progress printed before the failure comes first
+        print(failure.message(), file=sys.stderr)
+        sys.exit(EXIT_EXPECTED)
+
+
+def traceback_requested() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def describe(exc: BaseException, argv: Sequence[str] = ()) -> Failure | None:
+    """The short report of an expected failure; None for anything else (a bug keeps its traceback).
+
+    The exception itself is judged by its type; the exceptions it was raised from are searched
+    for a full disk or an unreachable bucket only, the failures a wrapper (Orbax's threads,
+    tensorstore) hides, so a bug raised while handling a missing file still shows its traceback."""
+    for e in _chain(exc):
+        failure = _disk_full(e, argv) or _unreachable(e, argv)
+        if failure:
+            return failure
+    return _by_type(exc)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _by_type(e: BaseException) -> Failure | None:
+    names, detail = _names(e), _clip(str(e))
+    if "DataError" in names:
+        return Failure("bad data", detail, "fix that line of the data file")
+    if "ConversionError" in names:
+        return Failure("conversion refused", detail)
+    if "ResumeRefused" in names:
+        return Failure("resume refused", detail)
+    if "NonFiniteLoss" in names:
+        return Failure("training stopped", detail)
+    if isinstance(e, FileNotFoundError):
+        return Failure("missing file", _with_filename(e, detail), "check the path")
+    if isinstance(e, FileExistsError):
+        return Failure("output exists", _with_filename(e, detail),
+                       "choose another output, or pass --overwrite (sample.py: --resume) if the script offers it")
+    if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError)):
+        return Failure("cannot use path", _with_filename(e, detail), "choose a location this user can write to")
+    if isinstance(e, ValueError) and _raised_by_lima_jax(e):
+        return Failure("bad config or input", detail)
+    return None
+
+
+def _disk_full(e: BaseException, argv: Sequence[str]) -> Failure | None:
+    text = str(e)
+    enospc = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    allocation = "allocat" in text.lower() or "out of memory" in text.lower()  # device memory, not a disk
+    if not (enospc or "No space left on device" in text or ("RESOURCE_EXHAUSTED" in text and not allocation)):
+        return None
+    where = getattr(e, "filename", None) or _path_in(text) or _flag_value(argv, OUTPUT_FLAGS)
+    place = f"{where}{_free_space(where)}" if where else "the output location"
+    return Failure("disk full", f"no space left writing {place}: {_first_line(text)}",
+                   "free space there (or write elsewhere) and rerun; training resumes from its last complete checkpoint")
+
+
+def _unreachable(e: BaseException, argv: Sequence[str]) -> Failure | None:
+    names, text = _names(e), str(e)
+    network = bool(names & {"ConnectionError", "ClientConnectionError", "GoogleAuthError", "HttpError", "TimeoutError",
+                            "gaierror"})
+    forbidden = isinstance(e, OSError) and text.startswith("Forbidden:")  # gcsfs's HTTP 403
+    tensorstore = any(code in text for code in ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED")) \
+        and "gs://" in text
+    if not (network or forbidden or tensorstore):
+        return None
+    bucket = _bucket_in(text) or _bucket_in(" ".join(argv))
+    where = f"bucket gs://{bucket}" if bucket else "the storage server"
+    return Failure("cannot reach storage", f"{where}: {type(e).__name__}: {_first_line(text)}",
+                   "check the bucket name, the network and the credentials (gcloud auth application-default login; "
+                   "STORAGE_EMULATOR_HOST for a local server)")
+
+
+def _raised_by_lima_jax(e: BaseException) -> bool:
+    """Was `e` raised by this project's own code (a deliberate check), not deep inside a library?"""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_OWN_DIRS)
+
+
+def _with_filename(e: OSError, detail: str) -> str:
+    name = e.filename
+    return detail if not name or str(name) in detail else f"{name}: {detail}"
+
+
+def _path_in(text: str) -> str | None:
+    m = _QUOTED_PATH.search(text)
+    return m.group(1) if m else None
+
+
+def _bucket_in(text: str) -> str | None:
+    m = _GS_BUCKET.search(text)
+    return m.group(1) if m else None
+
+
+def _flag_value(argv: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg.startswith(f"--{name}="):
+                return arg.split("=", 1)[1]
+            if arg == f"--{name}" and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+def _free_space(path: str) -> str:
+    """' (N bytes free)' for a local path's disk; empty for a bucket or when unknown."""
+    if "://" in str(path):
+        return ""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({_human(free)} free on its disk)"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+def _first_line(text: str) -> str:
+    return _clip(text.strip().split("\n", 1)[0])
+
+
+def _clip(text: str) -> str:
+    lines = [line[:MAX_LINE_CHARS] + ("..." if len(line) > MAX_LINE_CHARS else "") for line in text.strip().split("\n")]
+    return "\n".join(lines[:MAX_DETAIL_LINES] + (["..."] if len(lines) > MAX_DETAIL_LINES else []))
