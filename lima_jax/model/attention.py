@@ -1,11 +1,13 @@
 """Attention kernels behind one signature, chosen by `config.model.attention`.
 
 `attend(q, k, v, mask)`: head-major q [B, H, S, D], k and v [B, KV, T, D] with H a multiple
-of KV, and an `AttentionMask` -> [B, H, S, D]. Grouped-query attention reshapes the queries
+of KV, and an `AttentionMask` (`AttentionMask.packed` for training, `.over_cache` for
+decoding) -> [B, H, S, D]. Grouped-query attention reshapes the queries
 to [B, KV, H/KV, S, D] (a free reshape: heads of a group are adjacent) so each K/V head
 serves its group without K/V ever being repeated.
 
-- `xla`: plain einsums + float32 softmax; runs everywhere, the reference for the others.
+- `xla`: plain einsums + float32 softmax; runs everywhere, the reference for the others. In
+  training it skips the fully masked key blocks above the diagonal (`causal_blocks`).
 - `cudnn`: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU), for
   training: causal, so cuDNN skips the tiles above the diagonal, with the packed segments as
   a mask.
@@ -21,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lima_jax import backend
 from lima_jax.sharding import logical_to_spec
 
 
@@ -36,32 +39,51 @@ class AttentionMask(NamedTuple):
     allowed: jax.Array
     segment_ids: jax.Array | None = None
 
+    @classmethod
+    def packed(cls, segment_ids: jax.Array) -> "AttentionMask":
+        """Training: queries and keys are the same packed [B, S] tokens."""
+        slots = jnp.arange(segment_ids.shape[1])[None, :]
+        return cls(_causal_same_segment(slots, slots, segment_ids, segment_ids), segment_ids)
 
-def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
+    @classmethod
+    def over_cache(cls, segment_ids: jax.Array, cache_segment_ids: jax.Array, cache_index: jax.Array) -> "AttentionMask":
+        """Decoding: the S new tokens [B, S], at slots cache_index[b] + s, see the cache's T slots
+        whose segment ids [B, T] already include theirs."""
+        q_slots = cache_index[:, None] + jnp.arange(segment_ids.shape[1])
+        k_slots = jnp.arange(cache_segment_ids.shape[1])[None, :]
+        return cls(_causal_same_segment(q_slots, k_slots, segment_ids, cache_segment_ids))
+
+
+def _causal_same_segment(q_slots: jax.Array, k_slots: jax.Array, q_segments: jax.Array,
+                         k_segments: jax.Array) -> jax.Array:
+    """[B, S, T]: causal by slot, and never across packed examples or into another segment's padding."""
+    causal = k_slots[:, None, :] <= q_slots[:, :, None]
+    return causal & (k_segments[:, None, :] == q_segments[:, :, None])
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, impl: str = "xla",
+           causal_blocks: int | None = None) -> jax.Array:
+    """q [B, H, S, D], k and v [B, KV, T, D] -> [B, H, S, D] by the kernel `impl`; decoding (a
+    mask without segment ids) always takes xla. `causal_blocks`: see `xla_attention`."""
     causal = mask.segment_ids is not None
     if impl == "splash" and causal:
         return splash_attention(q, k, v, mask.segment_ids)
     if impl == "cudnn" and causal:
         return cudnn_attention(q, k, v, mask.segment_ids)
-    return xla_attention(q, k, v, mask.allowed, causal)
+    return xla_attention(q, k, v, mask.allowed, causal, causal_blocks)
 
 
-# Causal path: the queries are cut into CAUSAL_BLOCKS blocks and block i attends to keys
-# [0, (i + 1) * S / n) only, (n + 1) / 2n of the full score matrix (62.5% at n = 4). The skipped
-# keys are masked for every query of the block, so they could only add exp(-huge) = 0 terms.
-# bench-110m (S = 512) on 2 cores: one layer's attention forward + backward over 8 rows took
-# 0.60 s in full, 0.41 s with 2 blocks, 0.33 s with 4, 0.29 s with 8; but the whole train step
-# in micro-batches of 2 rows ran 12% faster with 4 blocks than with 8 (27.3 vs 30.8 s) and 3%
-# faster than with 2: more blocks mean more, smaller dots and K/V slices.
-CAUSAL_BLOCKS = 4
-
-
-def xla_attention(q, k, v, mask, causal: bool = False):
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal: bool = False,
+                  causal_blocks: int | None = None) -> jax.Array:
+    """Plain einsums, mask [B, S, T]. With `causal` (keys are the queries' own tokens and `mask`
+    is causal within them) the queries are cut into `causal_blocks` blocks (None: the backend's
+    choice, lima_jax.backend) and block i attends to keys [0, (i + 1) S / n) only: the keys it
+    skips are masked for all its queries, so the result is exact, from (n + 1) / 2n of the scores."""
     b, h, s, d = q.shape
     kv, t = k.shape[1], k.shape[2]
     q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, kv, h // kv, s, d)
-    n = CAUSAL_BLOCKS
-    if not causal or s != t or s % n or s < 8 * n:
+    n = backend.tuning().causal_blocks if causal_blocks is None else causal_blocks
+    if not causal or n == 1 or s != t or s % n or s < 8 * n:
         return _attention(q, k, v, mask).reshape(b, h, s, d)
     blk = s // n
     outs = [_attention(q[:, :, :, i * blk:(i + 1) * blk], k[:, :, :(i + 1) * blk], v[:, :, :(i + 1) * blk],
@@ -69,14 +91,13 @@ def xla_attention(q, k, v, mask, causal: bool = False):
     return jnp.concatenate(outs, axis=3).reshape(b, h, s, d)
 
 
-def _attention(q, k, v, mask):
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B, KV, G, S, D] (already scaled), k and v [B, KV, T, D], mask [B, S, T].
 
     The softmax is normalised after the value product (flash attention's order): the sum
     divides [.., S, D] outputs instead of [.., S, T] probabilities, and the row maximum is a
-    constant to autodiff (softmax does not depend on it). bench-110m, one layer's causal
-    attention forward + backward: 0.36 s -> 0.33 s against jax.nn.softmax. The row maximum
-    contributes exp(0) = 1, so the sum is >= 1 even for a fully masked row."""
+    constant to autodiff (softmax does not depend on it). The row maximum contributes
+    exp(0) = 1, so the sum is >= 1 even for a fully masked row."""
     scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
@@ -84,7 +105,7 @@ def _attention(q, k, v, mask):
     return (out / jnp.sum(unnormalised, axis=-1, keepdims=True)).astype(v.dtype)
 
 
-def cudnn_attention(q, k, v, segment_ids):
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Causal attention within segments by cuDNN's fused kernel (GPU; bfloat16 or float16):
     q [B, H, S, D], k and v [B, KV, S, D], segment_ids [B, S] -> [B, H, S, D]. The causal
     part is cuDNN's own mask (it skips the tiles above the diagonal); the segments enter as
@@ -101,7 +122,8 @@ def cudnn_attention(q, k, v, segment_ids):
 SPLASH_BLOCK = 512
 
 
-def splash_attention(q, k, v, segment_ids, interpret: bool = False):
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     interpret: bool = False) -> jax.Array:
     """Causal attention within segments by the Pallas TPU splash kernel: q [B, H, S, D], k and
     v [B, KV, S, D], segment_ids [B, S] -> [B, H, S, D]. Blocks above the diagonal are skipped
     and the [S, S] scores never reach HBM; the backward pass is the kernel's own.

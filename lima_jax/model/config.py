@@ -2,14 +2,22 @@
 
 The ml-collections config (`config.model`) is the user-facing form; the model code takes this
 hashable, typed copy so it can be a static argument of `jax.jit` and a cache key.
+
+Two fields only change speed, and their best values depend on the backend: `transposed_wgrad`
+and `causal_blocks`. None (the default) means the backend's choice (lima_jax.backend), read
+when the model is traced; True/False or a number is an explicit override. A program compiled
+for another backend than the running one takes `cfg.for_platform("tpu")`, which fills them.
 """
 
 import dataclasses
 
 import jax.numpy as jnp
 
+from lima_jax import backend
+
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+BACKEND_TUNED = ("transposed_wgrad", "causal_blocks")  # None in the config: lima_jax.backend chooses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +39,8 @@ class ModelConfig:
     attention: str = "xla"
     residual_dropout: float = 0.0  # rate at the last layer; 0 at the first, linear between
     logits_chunks: int = 4  # hidden states are cut in this many pieces for the loss
-    transposed_wgrad: bool = False  # XLA:CPU: weight gradients read a transposed copy (model/dense.py)
+    transposed_wgrad: bool | None = None  # weight gradients read a transposed copy (model/dense.py); None: backend's
+    causal_blocks: int | None = None  # query blocks of causal xla attention (model/attention.py); None: backend's
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -42,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        if self.causal_blocks is not None and self.causal_blocks < 1:
+            raise ValueError(f"model.causal_blocks={self.causal_blocks} must be at least 1 (1: no blocks)")
 
     @classmethod
     def from_config(cls, model_cfg) -> "ModelConfig":
@@ -52,6 +63,13 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config.model keys: {unknown}")
         return cls(**values)
+
+    def for_platform(self, platform: str | None = None) -> "ModelConfig":
+        """This config with the backend-dependent speed settings left None filled with
+        `platform`'s (None: the running backend's); explicit values stay."""
+        chosen = backend.tuning(platform)
+        return dataclasses.replace(self, **{name: getattr(chosen, name) for name in BACKEND_TUNED
+                                            if getattr(self, name) is None})
 
     @property
     def head_dim(self) -> int:

@@ -1,24 +1,13 @@
 """Weight projections: x [..., *in] @ w [*in, *out], as flat 2-D matmuls.
 
-Two choices here are about XLA:CPU speed, measured on bench-110m (2 cores, float32):
-
-- Flat: the leading dims are folded into one row axis ([B*S, D] rather than [B, S, D]). A
-  weight gradient that contracts over two dims (b and s) gets a physical transpose of an
-  activation or gradient per weight, fused with the elementwise work before it (the SwiGLU
-  gate's gradient alone took 0.3 s a layer). Flat, MLP forward + backward went 1.73 s ->
-  1.01 s. The reshapes are free (bitcasts) and, the batch being the major dim, they keep its
-  sharding on a mesh.
-
-- `transposed_wgrad` (`model.transposed_wgrad`): a weight gradient x^T @ dy contracts the
-  token axis, the major axis of x. XLA:CPU gives a dot to YNNPACK, its fast matmul library,
-  only when the left operand contracts its minor axis; this one goes to Eigen instead and
-  runs 20-30% slower (x [1024, 768], dy [1024, 2048]: 124 against 165-175 GFLOP/s from a
-  transposed copy of x; PyTorch's CPU matmul runs every operand order at ~170). With this
-  option the backward pass copies x transposed once, shared by every weight that reads x (q,
-  k and v; gate and up), and the weight gradients read the copy; an optimization barrier
-  keeps XLA from folding the transpose back into the dot. bench-110m train step: 4-5%
-  faster. Off by default: GPU and TPU matmuls take any operand order at full speed, and the
-  copy would only add memory traffic there.
+- Flat: the leading dims are folded into one row axis ([B*S, D] rather than [B, S, D]), so
+  each weight gradient contracts one dim; contracting two (b and s) cost XLA:CPU a physical
+  transpose per weight. The reshapes are free (bitcasts) and keep the batch's sharding.
+- `transposed_wgrad`: the backward pass copies x transposed once, shared by every weight that
+  reads x (q, k and v; gate and up), and the weight gradients x^T @ dy read the copy: XLA:CPU
+  hands a dot to its fast matmul library only in that operand order. An optimization barrier
+  keeps XLA from folding the transpose back into the dot. Chosen per backend (lima_jax.backend).
+Measurements: docs/benchmarks.md.
 """
 
 import math
@@ -26,14 +15,20 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lima_jax import backend
 
-def dense(x: jax.Array, w, axes: int = 1, transposed_wgrad: bool = False, out_dtype=None):
+
+def dense(x: jax.Array, w: jax.Array | tuple[jax.Array, ...], axes: int = 1, transposed_wgrad: bool | None = None,
+          out_dtype: jnp.dtype | None = None) -> jax.Array | tuple[jax.Array, ...]:
     """x [..., *in] @ w [*in, *out] -> [..., *out], contracting the last `axes` dims of x with
     the first `axes` dims of w. `w` may be a tuple of weights that share the input (q, k and
     v): then a tuple of outputs comes back, and the backward pass reads x once for all of them.
-    `out_dtype`: the matmul's result type (float32 logits from bfloat16 operands)."""
+    `transposed_wgrad`: None is the backend's choice. `out_dtype`: the matmul's result type
+    (float32 logits from bfloat16 operands)."""
     ws = w if isinstance(w, tuple) else (w,)
     k = math.prod(ws[0].shape[:axes])
+    if transposed_wgrad is None:
+        transposed_wgrad = backend.tuning().transposed_wgrad
     matmuls = _matmuls_transposed_wgrad if transposed_wgrad else _matmuls
     flat = matmuls(x.reshape(-1, k), tuple(w_.reshape(k, -1) for w_ in ws), out_dtype)
     ys = tuple(y.reshape(*x.shape[:x.ndim - axes], *w_.shape[axes:]) for y, w_ in zip(flat, ws))

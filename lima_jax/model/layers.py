@@ -16,12 +16,14 @@ from flax import nnx
 from lima_jax.model.attention import AttentionMask, attend
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.dense import dense
+from lima_jax.model.kv_cache import LayerCache
 from lima_jax.sharding import constrain
 
 INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
 
 
-def param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: jnp.dtype,
+          init: str = "normal") -> nnx.Param:
     """A parameter with logical axis names; placement is decided later from the names."""
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -35,23 +37,21 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.norm_eps
         self.scale = param(rngs, (cfg.dim,), ("norm",), cfg.weight_dtype, init="ones")
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_position: int):
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_position: int) -> tuple[jax.Array, jax.Array]:
     """(sin, cos), each [batch, seq, 1, head_dim / 2] in float32, for integer `positions` in
     [0, max_position).
 
     The angles' sines and cosines are a table computed on the host at trace time (a constant
-    of max_position x head_dim / 2, 0.5 MB at 2,048 x 64) and gathered by position. Computed
-    on the device instead, XLA fuses sin and cos into every consumer (an optimization
-    barrier does not stop it: XLA:CPU drops barriers before fusion) and evaluates them per
-    element of q and k, once per head, forward and backward: 1.5-3.6% of a bench-110m step
-    on XLA:CPU went to `sincosf`; the table made the step 2-3% faster. Float32 angles, as
-    Hugging Face computes them. A position outside the table reads NaN (`jnp.take`'s fill)."""
+    of max_position x head_dim / 2, 0.5 MB at 2,048 x 64) and gathered by position: computed
+    on the device, XLA fuses sin and cos into every consumer and evaluates them per element of
+    q and k, once per head. Float32 angles, as Hugging Face computes them. A position outside
+    the table reads NaN (`jnp.take`'s fill)."""
     inv_freq = 1.0 / np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
     angles = np.arange(max_position, dtype=np.float32)[:, None] * inv_freq
     return tuple(jnp.take(jnp.asarray(f(angles)), positions, axis=0)[:, :, None] for f in (np.sin, np.cos))
@@ -66,14 +66,10 @@ class Attention(nnx.Module):
     """Multi-head attention with grouped-query support (n_kv_heads <= n_heads).
 
     Queries, keys and values are projected as flat matmuls (see `dense`) and then laid out
-    head-major, [B, heads, S, head_dim]: the attention einsums then need no transposes (on
-    XLA:CPU the [B, S, H, D] layout costs a physical transpose per einsum, see notes), and
-    the KV cache is stored in the same layout, so a decode step reads it in place. One
-    explicit transpose per projection is cheaper than projecting straight into head-major
-    (`bsd,dhk->bhsk`), whose backward transposes inside the dots: bench-110m attention block
-    forward + backward 1.42 s -> 1.11 s a layer. RoPE is applied before that transpose, while
-    each head's pairs are contiguous in the projection's output: rotating after it (a
-    concatenate fused with the transpose) made the whole train step 6-10% slower on XLA:CPU."""
+    head-major, [B, heads, S, head_dim], by one explicit transpose each: the attention einsums
+    then need no transposes, and the KV cache is stored in the same layout, so a decode step
+    reads it in place. RoPE is applied before that transpose, while each head's pairs are
+    contiguous in the projection's output."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -83,40 +79,25 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
 
-    def __call__(self, x, rope, mask: AttentionMask, cache=None, cache_index=None):
-        """x [B, S, D] -> [B, S, D]; `mask` is shared by all layers (see Llama).
-
-        With `cache` = (k, v, layer), k and v the whole cache [L, B, KV, T, D], the S new keys
-        and values are written in place at (layer, row b, slot cache_index[b]) and the queries
-        attend over that layer's cache. Slicing the layer out first and writing it back would
-        copy the layer's whole cache three times per decoded token.
-        """
-        dt, t_wgrad = self.cfg.compute_dtype, self.cfg.transposed_wgrad
-        q, k, v = dense(x, tuple(w[...].astype(dt) for w in (self.wq, self.wk, self.wv)), transposed_wgrad=t_wgrad)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: AttentionMask,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, S, D] -> [B, S, D]; `mask` is shared by all layers (see Llama). With a `cache`,
+        the S new keys and values are written into it and the queries attend over the layer's
+        whole cache; the updated cache comes back (None without one)."""
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        q, k, v = dense(x, tuple(w[...].astype(dt) for w in (self.wq, self.wk, self.wv)),
+                        transposed_wgrad=cfg.transposed_wgrad)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q.transpose(0, 2, 1, 3), "batch", "act_heads", "length", None)
         k = constrain(k.transpose(0, 2, 1, 3), "batch", "act_kv_heads", "length", None)
         v = constrain(v.transpose(0, 2, 1, 3), "batch", "act_kv_heads", "length", None)
         if cache is not None:
-            k_all, v_all, layer = cache
-            k_all, v_all = (write_layer_rows(c, new.astype(c.dtype), layer, cache_index) for c, new in ((k_all, k), (v_all, v)))
-            k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(dt) for c in (k_all, v_all))
-            cache = (k_all, v_all, layer)
-        out = constrain(attend(q, k, v, mask, impl=self.cfg.attention), "batch", "act_heads", "length", None)
-        return dense(out.transpose(0, 2, 1, 3), self.wo[...].astype(dt), axes=2, transposed_wgrad=t_wgrad), cache
-
-
-def write_rows(buffer, new, index):
-    """buffer [B, T, ...] with new [B, S, ...] written at slot index[b] of each row b."""
-    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=0))(buffer, new, index)
-
-
-def write_layer_rows(cache, new, layer, index):
-    """cache [L, B, KV, T, D] with new [B, KV, S, D] written at [layer, b, :, index[b] + s]: one
-    scatter into the carried buffer, which XLA updates in place."""
-    rows = jnp.arange(new.shape[0])[:, None]
-    slots = index[:, None] + jnp.arange(new.shape[2])[None, :]
-    return cache.at[layer, rows, :, slots].set(new.transpose(0, 2, 1, 3), mode="promise_in_bounds")
+            cache, k, v = cache.append(k, v)
+        out = attend(q, k, v, mask, impl=cfg.attention, causal_blocks=cfg.causal_blocks)
+        out = constrain(out, "batch", "act_heads", "length", None)
+        return dense(out.transpose(0, 2, 1, 3), self.wo[...].astype(dt), axes=2,
+                     transposed_wgrad=cfg.transposed_wgrad), cache
 
 
 class MLP(nnx.Module):
@@ -129,8 +110,8 @@ class MLP(nnx.Module):
         self.w3 = param(rngs, (d, f), ("embed", "mlp"), pd)
         self.w2 = param(rngs, (f, d), ("mlp", "embed"), pd)
 
-    def __call__(self, x):
-        dt, t_wgrad = self.cfg.compute_dtype, self.cfg.transposed_wgrad
-        gate, up = dense(x, (self.w1[...].astype(dt), self.w3[...].astype(dt)), transposed_wgrad=t_wgrad)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt, transposed_wgrad = self.cfg.compute_dtype, self.cfg.transposed_wgrad
+        gate, up = dense(x, (self.w1[...].astype(dt), self.w3[...].astype(dt)), transposed_wgrad=transposed_wgrad)
         hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
-        return dense(hidden, self.w2[...].astype(dt), transposed_wgrad=t_wgrad)
+        return dense(hidden, self.w2[...].astype(dt), transposed_wgrad=transposed_wgrad)

@@ -9,6 +9,9 @@ under `jax.checkpoint`, so compile time does not grow with depth.
 """
 
 import functools
+import operator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +20,11 @@ from flax import nnx
 from lima_jax.model.attention import AttentionMask
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.dense import dense
-from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables, write_rows
+from lima_jax.model.kv_cache import Cache, LayerCache, write_rows
+from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables
 from lima_jax.sharding import constrain
+
+Carry = TypeVar("Carry")
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -34,20 +40,32 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, rope, mask, dropout_rate, dropout_key, cache=None, cache_index=None):
-        h, cache = self.attn(self.attn_norm(x), rope, mask, cache, cache_index)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: AttentionMask, dropout_rate: jax.Array,
+                 dropout_key: jax.Array | None, cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        h, cache = self.attn(self.attn_norm(x), rope, mask, cache)
         x = constrain(x + residual_dropout(h, dropout_rate, dropout_key, 0), "batch", "length", "act_embed")
         h = self.mlp(self.mlp_norm(x))
         x = constrain(x + residual_dropout(h, dropout_rate, dropout_key, 1), "batch", "length", "act_embed")
         return x, cache
 
 
-def residual_dropout(x, rate, key, stream: int):
+def residual_dropout(x: jax.Array, rate: jax.Array, key: jax.Array | None, stream: int) -> jax.Array:
     """LIMA's dropout on a sublayer's output before the residual add (rate may be traced)."""
     if key is None:
         return x
     keep = jax.random.bernoulli(jax.random.fold_in(key, stream), 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+def layer_stack(layer: Callable[[Carry, Any], Carry], carry: Carry, xs: Any, scan: bool) -> Carry:
+    """`carry` through `layer(carry, xs[i])` for each i along the leading axis of `xs`'s leaves:
+    one `lax.scan` (compiled once whatever the depth), or unrolled (a little faster for small
+    models on CPU; compile time grows with depth)."""
+    if scan:
+        return jax.lax.scan(lambda c, x: (layer(c, x), None), carry, xs)[0]
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
+        carry = layer(carry, jax.tree.map(operator.itemgetter(i), xs))
+    return carry
 
 
 class Llama(nnx.Module):
@@ -64,84 +82,62 @@ class Llama(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs)
         self.lm_head = param(rngs, (d, vp), ("embed", "vocab"), pd)
 
-    def hidden(self, tokens, positions, segment_ids, dropout_key=None, cache=None, cache_index=None):
+    def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               dropout_key: jax.Array | None = None, cache: Cache | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """Final-norm hidden states [B, S, D] (and the updated cache, or None).
 
         tokens, positions, segment_ids: [B, S] int32. Packed rows restart `positions` at 0 for
         each example and give each example its own segment id; id 0 marks padding. Tokens
         attend causally within their own segment only.
         cache: None for training, else {"k", "v": [L, B, KV, T, D], "segment_ids": [B, T]}
-        with the S new tokens written at slot `cache_index` [B] of each row (see sampling).
+        with the S new tokens written at slot `cache_index` [B] of each row (see kv_cache).
         dropout_key: None for eval (no dropout).
         """
         cfg = self.cfg
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
-        x = constrain(x, "batch", "length", "act_embed")
-        seq = tokens.shape[1]
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), "batch", "length", "act_embed")
         # positions < max_seq_len in training; a sampler may run past it (it warns), up to its cache
-        longest = max(cfg.max_seq_len, seq, 0 if cache is None else cache["segment_ids"].shape[1])
+        longest = max(cfg.max_seq_len, tokens.shape[1], 0 if cache is None else cache["segment_ids"].shape[1])
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, longest)
         if cache is None:
-            q_slot = k_slot = jnp.arange(seq)[None, :]
-            k_segments = segment_ids
-            layer_caches = None
-        else:
-            k_segments = write_rows(cache["segment_ids"], segment_ids, cache_index)
-            q_slot = cache_index[:, None] + jnp.arange(seq)
-            k_slot = jnp.arange(k_segments.shape[1])[None, :]
-            layer_caches = (cache["k"], cache["v"])
-        # Causal by slot, and never across packed examples or into padding of another segment.
-        allowed = (k_slot[:, None, :] <= q_slot[:, :, None]) & (k_segments[:, None, :] == segment_ids[:, :, None])
-        mask = AttentionMask(allowed, segment_ids if cache is None else None)
+            x, _ = self._blocks(x, rope, AttentionMask.packed(segment_ids), dropout_key)
+            return self.final_norm(x), None
+        cache_segments = write_rows(cache["segment_ids"], segment_ids, cache_index)
+        mask = AttentionMask.over_cache(segment_ids, cache_segments, cache_index)
+        x, (k, v) = self._blocks(x, rope, mask, dropout_key, (cache["k"], cache["v"]), cache_index)
+        return self.final_norm(x), {"k": k, "v": v, "segment_ids": cache_segments}
 
+    def _blocks(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: AttentionMask,
+                dropout_key: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None = None,
+                cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x through every block: (x, the whole cache's updated (k, v), or None without a cache).
+        The cache rides in the carry and each layer writes its slice in place; as scan xs/ys
+        it would be copied whole at every layer."""
+        cfg = self.cfg
         if cfg.residual_dropout == 0:
             dropout_key = None  # rate 0 in every layer: do not draw [B, S, D] random masks for nothing
         n = cfg.n_layers
         rates = cfg.residual_dropout * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, xs):
-            params, rate, index, layer_cache = xs
+        def layer(carry, xs):
+            x, kv = carry
+            params, rate, index = xs
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            block = nnx.merge(graphdef, params)
-            return block(x, rope, mask, rate.astype(x.dtype), key, layer_cache, cache_index)
+            cache = None if kv is None else LayerCache(*kv, layer=index, index=cache_index)
+            x, cache = nnx.merge(graphdef, params)(x, rope, mask, rate.astype(x.dtype), key, cache)
+            return x, None if cache is None else (cache.k, cache.v)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        if cache is None:
-            xs = (stacked, rates, jnp.arange(n), None)
-            if cfg.scan_layers:
-                x, _ = jax.lax.scan(layer, x, xs)
-            else:  # unrolled: a little faster on CPU for small models; compile time grows with depth
-                for i in range(n):
-                    x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
-        else:
-            # Decode: the whole cache rides along in the carry and each layer writes its new
-            # keys/values in place; as scan xs/ys it would be copied whole at every step.
-            def cached_layer(carry, xs):
-                x, ck, cv = carry
-                params, rate, index = xs
-                x, (ck, cv, _) = layer(x, (params, rate, index, (ck, cv, index)))
-                return (x, ck, cv), None
+        return layer_stack(layer, (x, kv), (stacked, rates, jnp.arange(n)), cfg.scan_layers)
 
-            carry = (x, *layer_caches)
-            if cfg.scan_layers:
-                carry, _ = jax.lax.scan(cached_layer, carry, (stacked, rates, jnp.arange(n)))
-            else:
-                for i in range(n):
-                    carry, _ = cached_layer(carry, jax.tree.map(lambda a: a[i], (stacked, rates, jnp.arange(n))))
-            x, *layer_caches = carry
-
-        x = self.final_norm(x)
-        if cache is None:
-            return x, None
-        return x, {"k": layer_caches[0], "v": layer_caches[1], "segment_ids": k_segments}
-
-    def logits(self, hidden):
+    def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., padded vocab] in float32; padding rows of the vocab get -inf-like."""
         return output_logits(self.cfg, self.lm_head[...], hidden)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for unpacked rows (positions 0.., one segment) unless given; for tests and eval."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -163,7 +159,7 @@ def output_logits(cfg: ModelConfig, lm_head: jax.Array, hidden: jax.Array) -> ja
 # ---- the functional view: params are a plain nested dict of arrays -------------------------
 
 @functools.cache
-def _skeleton(cfg: ModelConfig):
+def _skeleton(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
 
 

@@ -1,0 +1,79 @@
+"""Speed settings that only one backend wants, chosen here per backend: the rest of the code asks.
+
+`platform` is a JAX platform name ("cpu", "gpu" or its "cuda"/"rocm" spellings, "tpu"); None
+means the running backend (`jax.default_backend()`). Pass it explicitly where the program is
+compiled for another backend than the one running, as the AOT fit check compiles TPU programs
+on a CPU host. The measurements behind each value are in docs/benchmarks.md.
+
+- `tuning(platform)`: what the model reads at trace time where its config leaves a setting None
+  (`ModelConfig.for_platform` fills them for a given platform).
+- `compiler_options(platform)`: the XLA options to jit the train step with.
+- `compile_step(jitted, *args)`: compile ahead of time, then hand the compiler's memory back.
+"""
+
+import dataclasses
+
+import jax
+
+from lima_jax import hostmem
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    transposed_wgrad: bool  # weight gradients read a transposed copy of their input (model/dense.py)
+    causal_blocks: int  # training's causal xla attention cuts the queries into this many blocks; 1 = none
+    compiler_options: tuple[tuple[str, str], ...] = ()  # XLA options of the train step, as (name, value)
+
+
+# One entry per backend; each value's why in one line.
+TUNINGS = {
+    "cpu": Tuning(
+        # XLA:CPU sends x^T @ dy to its fast matmul library only from a transposed copy: step 4-5% faster.
+        transposed_wgrad=True,
+        # Skips 3/8 of the masked score work; on bench-110m 12% faster than 8 blocks, 3% than 2.
+        causal_blocks=4,
+        # Orders the backward pass so activations die early: bench-110m temporaries 5.68 -> 4.09 GiB.
+        compiler_options=(("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),),
+    ),
+    "gpu": Tuning(
+        # GPU matmuls take any operand order at full speed; the copy would only add memory traffic.
+        transposed_wgrad=False,
+        # The H200 step with xla attention got 10% faster in the re-run that brought them (cuDNN's, not blocked, 4%).
+        causal_blocks=4,
+    ),
+    "tpu": Tuning(
+        # The MXU takes any operand order at full speed; the copy would only add memory traffic.
+        transposed_wgrad=False,
+        # Exact, 3/8 fewer score FLOPs in MXU-sized 512-row blocks at S = 2048; the 65B fit was compiled with them.
+        causal_blocks=4,
+    ),
+}
+ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def platform_name(platform: str | None = None) -> str:
+    """The TUNINGS key of `platform` (None: the running backend)."""
+    name = (platform or jax.default_backend()).lower()
+    name = ALIASES.get(name, name)
+    if name not in TUNINGS:
+        raise ValueError(f"no tuning for the JAX platform {platform!r}; known: {sorted(TUNINGS)}")
+    return name
+
+
+def tuning(platform: str | None = None) -> Tuning:
+    """The speed settings of `platform` (None: the running backend)."""
+    return TUNINGS[platform_name(platform)]
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str] | None:
+    """XLA options for jitting the train step on `platform` (None: the running backend), or None
+    where that backend keeps its defaults (`jax.jit(..., compiler_options=...)` takes either)."""
+    return dict(tuning(platform).compiler_options) or None
+
+
+def compile_step(jitted: jax.stages.Wrapped, *args) -> jax.stages.Compiled:
+    """`jitted` compiled ahead of time for these arguments, then the compiler's freed working
+    memory handed back to the OS: glibc keeps it otherwise, under the first step's buffers."""
+    compiled = jitted.lower(*args).compile()
+    hostmem.return_freed_memory()
+    return compiled
