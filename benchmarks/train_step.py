@@ -69,12 +69,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lima_jax.backend import compile_step, compiler_options  # noqa: E402
 from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
 from lima_jax.train.metrics import peak_flops_per_device  # noqa: E402
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from lima_jax.train.step import TrainState, compile_step, compiler_options, make_train_step  # noqa: E402
+from lima_jax.train.step import TrainState, make_train_step  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

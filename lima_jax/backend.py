@@ -30,7 +30,7 @@ TUNINGS = {
     "cpu": Tuning(
         # XLA:CPU sends x^T @ dy to its fast matmul library only from a transposed copy: step 4-5% faster.
         transposed_wgrad=True,
-        # Skips 3/8 of the masked score work; on bench-110m 12% faster than 8 blocks, 3% than 2.
+        # Skips 3/8 of the score work (all masked); bench-110m step 12% faster than with 8 blocks, 3% than 2.
         causal_blocks=4,
         # Orders the backward pass so activations die early: bench-110m temporaries 5.68 -> 4.09 GiB.
         compiler_options=(("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),),
@@ -38,13 +38,13 @@ TUNINGS = {
     "gpu": Tuning(
         # GPU matmuls take any operand order at full speed; the copy would only add memory traffic.
         transposed_wgrad=False,
-        # The H200 step with xla attention got 10% faster in the re-run that brought them (cuDNN's, not blocked, 4%).
+        # Every H200 figure has them (8 -> 4 came with a 10% faster xla-attention step); none-vs-4 not measured.
         causal_blocks=4,
     ),
     "tpu": Tuning(
         # The MXU takes any operand order at full speed; the copy would only add memory traffic.
         transposed_wgrad=False,
-        # Exact, 3/8 fewer score FLOPs in MXU-sized 512-row blocks at S = 2048; the 65B fit was compiled with them.
+        # Exact, 3/8 of the score work skipped in 512-row blocks at S = 2048; the 65B fit was compiled with them.
         causal_blocks=4,
     ),
 }

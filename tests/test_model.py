@@ -116,6 +116,7 @@ def test_unrolled_layers_equal_scanned():
                                             ("llama65b", 65.2e9)])
 def test_param_count_matches_published(name, published):
     import importlib.util
+
     from lima_jax.config import model_config
     from tests.conftest import ROOT
 
@@ -125,3 +126,13 @@ def test_param_count_matches_published(name, published):
     cfg = model_config(module.get_config())
     base = ModelConfig(**{**cfg.__dict__, "vocab_size": 32000})  # the published count is before LIMA's EOT
     assert abs(param_count(base) - published) / published < 0.006
+
+
+def test_backend_tuning_fills_only_the_speed_settings_left_unset():
+    """None means the backend's choice (lima_jax.backend); explicit values are overrides that stay."""
+    assert GQA.for_platform("cpu").transposed_wgrad is True and GQA.for_platform("tpu").transposed_wgrad is False
+    assert GQA.for_platform("cuda") == GQA.for_platform("gpu")
+    explicit = ModelConfig(**{**GQA.__dict__, "transposed_wgrad": False, "causal_blocks": 2})
+    assert explicit.for_platform("cpu") == explicit
+    with pytest.raises(ValueError, match="no tuning"):
+        GQA.for_platform("metal")
