@@ -13,7 +13,6 @@ the target shardings, so each host reads only the bytes of the shards it holds.
 
 import base64
 import dataclasses
-import os
 import pathlib
 from typing import Any
 
@@ -22,14 +21,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from lima_jax import storage
+
 PARAMS, OPT_STATE, DATA_ITER, META = "params", "opt_state", "data_iter", "meta"
 CHECKPOINTS_SUBDIR = "checkpoints"  # inside a training work dir
 
 
 def as_path(path) -> epath.Path:
-    """An epath for a local or gs:// path; local ones made absolute, as Orbax requires."""
-    path = epath.Path(path)
-    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+    """An epath for a local or gs:// path; local ones made absolute (see `storage.path`)."""
+    return storage.path(path)
 
 
 def manager(directory, *, keep_steps=(), keep_latest: int = 1, async_save: bool = True,
