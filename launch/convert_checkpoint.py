@@ -2,14 +2,16 @@
 
     python launch/convert_checkpoint.py --source meta --input /llama/65B --output /ckpt/65b \
         --config configs/llama65b.py --add_eot
-    python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b \
-        --tokenizer /llama/tokenizer.model
+    python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b
+
+The tokenizer travels with the weights: conversion stores the folder's tokenizer.model (for a
+Meta folder, also its parent's, where Meta ships it) in the checkpoint, and the export writes
+it back as Hugging Face tokenizer files (EOT as a special token, LIMA's chat template);
+`--tokenizer` names one explicitly.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab accelerators
 
 from absl import flags
@@ -25,7 +27,8 @@ flags.DEFINE_bool("add_eot", False, "Grow the vocabulary by LIMA's end-of-turn t
 flags.DEFINE_integer("vocab_multiple", None, "Pad vocabulary rows to a multiple of this (default: config's, or 128).")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Stored parameter dtype (default: config's or float32).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "With --to hf: tensor dtype (default: checkpoint's).")
-flags.DEFINE_string("tokenizer", None, "With --to hf: tokenizer.model (or a folder of tokenizer files) to copy.")
+flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to store with the converted weights, or with "
+                    "--to hf to export (default: the one beside the weights / stored in the checkpoint).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing target.")
 config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py) to check the architecture against.")
 flags.mark_flags_as_required(["input", "output"])
@@ -39,7 +42,8 @@ def main(argv):
     if FLAGS.to == "hf":
         report = export_hf(FLAGS.input, FLAGS.output, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
                            overwrite=FLAGS.overwrite)
-        print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)")
+        print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)"
+              f"{'' if report['tokenizer'] else ', no tokenizer files'}")
     else:
         if FLAGS.source is None:
             raise ConversionError("--source meta|hf is required when converting to Orbax")
@@ -47,12 +51,13 @@ def main(argv):
 
         report = convert_to_orbax(
             FLAGS.source, FLAGS.input, FLAGS.output, add_eot=FLAGS.add_eot, vocab_multiple=FLAGS.vocab_multiple,
-            param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+            param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite, tokenizer=FLAGS.tokenizer,
             config=model_config(FLAGS.config) if FLAGS.config is not None else None)
         mb = report["bytes_read"] / 1e6
         print(f"wrote {report['output']}: {mb:.1f} MB read in {report['seconds']:.1f} s "
               f"({mb / report['seconds']:.1f} MB/s); vocab {report['model'].vocab_size} "
-              f"padded to {report['model'].padded_vocab_size}")
+              f"padded to {report['model'].padded_vocab_size}; "
+              f"{'tokenizer stored' if report['tokenizer'] else 'no tokenizer stored'}")
 
 
 if __name__ == "__main__":

@@ -148,22 +148,28 @@ def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0
     target shardings.
 
     Atomic: everything is written under `<directory>.tmp-convert` and renamed to `directory`
-    only when complete. An existing `directory` is refused unless `overwrite`.
+    only when complete. An existing `directory` is refused unless `overwrite`; an existing
+    `.tmp-convert` (or `.tmp-replaced`) folder belongs to another run and is refused, never removed.
+
+    Orbax layout: the array spec comes from Orbax's `tensorstore_utils` (a private module) and
+    the metadata files are written as Orbax 0.12.8 writes them; pyproject pins that version and
+    `tests/test_convert_orbax_layout.py` compares both with what Orbax itself writes.
     """
     import json
     import time
 
     import numpy as np
     import tensorstore as ts
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax 0.12.8
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # private: orbax pinned
 
     directory = as_path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{directory} already exists and is not empty; pass --overwrite to replace it")
-    tmp = directory.parent / f"{directory.name}.tmp-convert"
-    if tmp.exists():
-        tmp.rmtree()
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} already exists and is not empty; pass --overwrite to replace it")
+    tmp, old = (directory.parent / f"{directory.name}.tmp-{what}" for what in ("convert", "replaced"))
+    for folder in (tmp, old):
+        if folder.exists():
+            raise FileExistsError(f"{folder} already exists (left by an interrupted conversion, or one still "
+                                  "running); remove it yourself once no conversion is using it, then rerun")
     step_dir = tmp / str(step)
     params_dir = step_dir / PARAMS
     params_dir.mkdir(parents=True)
@@ -218,7 +224,6 @@ def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0
         tmp.rmtree()  # a failed conversion leaves nothing behind, least of all a complete-looking step
         raise
     if directory.exists():
-        old = directory.parent / f"{directory.name}.tmp-replaced"
         directory.rename(old)
         tmp.rename(directory)
         old.rmtree()
@@ -240,7 +245,7 @@ class ParamsReader:
     def __init__(self, path):
         import json
 
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pinned orbax 0.12.8
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # private: orbax pinned
 
         root, step = locate(path)
         self.dir = root / str(step) / PARAMS

@@ -5,6 +5,7 @@ q/k rows in Meta's interleaved-RoPE order, column-parallel tensors split on dim 
 ones and the embedding on dim 1, norms replicated, bfloat16-free float32 `.pth` shards.
 """
 
+import io
 import json
 import pathlib
 import subprocess
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import transformers
 from safetensors import safe_open
@@ -57,6 +59,21 @@ def write_meta(model, cfg: ModelConfig, directory: pathlib.Path, n_shards: int) 
                   norm_eps=cfg.norm_eps, vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, **META_EXTRA[id(cfg)])
     (directory / "params.json").write_text(json.dumps(params))
     return directory
+
+
+def train_tokenizer(pieces: int, *, byte_fallback: bool = False) -> bytes:
+    """A tiny BPE SentencePiece model with LLaMA's settings (BOS 1, EOS 2, no normalization)."""
+    from lima_jax.data.demo import demo_conversations
+
+    text = [t for turns in demo_conversations() for t in turns]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, minloglevel=2, vocab_size=pieces, model_type="bpe",
+        byte_fallback=byte_fallback, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False)
+    proto = model.getvalue()
+    assert spm.SentencePieceProcessor(model_proto=proto).get_piece_size() == pieces
+    return proto
 
 
 def restore(path, cfg: ModelConfig):
@@ -153,12 +170,13 @@ def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, mha_model)
 
 def test_add_eot_grows_vocab_with_mean_rows_and_export_keeps_it(tmp_path, mha_model):
     src = write_meta(mha_model, MHA, tmp_path / "meta", 2)
-    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece stand-in")
+    proto = train_tokenizer(MHA.vocab_size)
+    (tmp_path / "tokenizer.model").write_bytes(proto)  # beside the Meta folder, as Meta ships it
     convert_to_orbax("meta", src, tmp_path / "ckpt", add_eot=True, vocab_multiple=128)
     meta = checkpoint.read_meta(tmp_path / "ckpt")
     cfg = ModelConfig.from_config(meta.model)
     v = MHA.vocab_size  # the EOT id
-    assert (cfg.vocab_size, cfg.padded_vocab_size, meta.eot_id) == (v + 1, 256, v)
+    assert (cfg.vocab_size, cfg.padded_vocab_size, meta.eot_id, meta.tokenizer) == (v + 1, 256, v, proto)
     params = restore(tmp_path / "ckpt", cfg)
     embed, head = np.asarray(params["embed"]), np.asarray(params["lm_head"])
     sd = mha_model.state_dict()
@@ -172,10 +190,10 @@ def test_add_eot_grows_vocab_with_mean_rows_and_export_keeps_it(tmp_path, mha_mo
     np.testing.assert_allclose(ours[..., :v], hf_logits(mha_model, TOKENS), atol=1e-4, rtol=0)
     np.testing.assert_allclose(ours[..., v], ours[..., :v].mean(-1), atol=1e-4, rtol=0)
 
-    export_hf(tmp_path / "ckpt", tmp_path / "out", tokenizer=tmp_path / "tokenizer.model")
+    export_hf(tmp_path / "ckpt", tmp_path / "out")  # the stored tokenizer by default
     hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert hf_cfg["vocab_size"] == v + 1 and hf_cfg["eos_token_id"] == [2, v]
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece stand-in"
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == proto
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     eot_tokens = np.concatenate([TOKENS, np.full((2, 1), v)], axis=1)
     np.testing.assert_allclose(hf_logits(reloaded, eot_tokens), our_logits(cfg, params, eot_tokens), atol=1e-4, rtol=0)

@@ -1,7 +1,11 @@
 """Checkpoint conversion: Meta `.pth` / Hugging Face safetensors <-> the model's parameters.
 
 - `layout`: the one key map and per-tensor transforms (Meta, HF, ours).
+- `hf_config`: HF config.json read (RoPE old and new, tied embeddings; refusals) and written.
 - `sources`: streaming readers for Meta and HF folders, with the shape/key checks.
+- `tokenizer_files`: the tokenizer stored with converted weights; HF tokenizer files (EOT,
+  chat template) for an export.
+- `safety`: where a converter may write (never over or inside its input).
 - `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one layer's tensor at a time.
 - `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT), one
   tensor at a time.
@@ -9,7 +13,7 @@
   streaming.
 """
 
-from lima_jax.convert.sources import ConversionError
+from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.to_hf import export_hf
 from lima_jax.convert.to_orbax import convert_to_orbax
 

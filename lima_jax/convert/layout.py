@@ -149,26 +149,9 @@ def params_from_hf(state_dict, cfg: ModelConfig, dtype=np.float32) -> dict:
     return params
 
 
-def grow_vocab(w: np.ndarray, new_rows: int) -> np.ndarray:
-    """Append `new_rows` rows equal to the mean of the existing rows (LIMA's EOT: 32,000 -> 32,001).
-
-    The mean is taken in float64 and cast back, so new rows start as an "average token"."""
-    if new_rows <= 0:
-        return w
-    return np.concatenate([w, np.repeat(mean_row(w)[None], new_rows, axis=0)])
-
-
 def mean_row(w: np.ndarray) -> np.ndarray:
     """The mean of `w`'s rows, accumulated in float64 (no float64 copy of `w`), in `w`'s dtype."""
     return w.mean(axis=0, dtype=np.float64).astype(w.dtype)
-
-
-def hf_names(cfg: ModelConfig) -> list[str]:
-    return [t.hf_name(i) for t in LAYOUT for i in t.layers(cfg)]
-
-
-def meta_names(cfg: ModelConfig) -> list[str]:
-    return [t.meta_name(i) for t in LAYOUT for i in t.layers(cfg)]
 
 
 def ffn_dim_meta(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:

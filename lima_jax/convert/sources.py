@@ -15,7 +15,11 @@ Meta: `consolidated.NN.pth` files are model-parallel shards, loaded with
 is the concatenation of its shards on `Tensor.meta_split_dim` (replicated tensors are taken
 from shard 0), then q/k rows are permuted from Meta's interleaved RoPE to HF's rotate-half.
 HF: `safetensors.safe_open` reads single tensors lazily; `model.safetensors.index.json`
-names the shard of each tensor.
+names the shard of each tensor; `config.json` is read by `hf_config` (RoPE parameters old and
+new, tied embeddings: `lm_head` is then read from the embedding).
+
+`tokenizer()` finds the SentencePiece model that ships with the weights: `tokenizer.model` in
+the folder, or (Meta's layout: `llama/tokenizer.model` next to `llama/7B/`) in its parent.
 """
 
 import contextlib
@@ -25,15 +29,20 @@ import re
 
 import numpy as np
 
-from lima_jax.convert.layout import IGNORED_HF_SUFFIXES, IGNORED_META, LAYOUT, Tensor, ffn_dim_meta
+from lima_jax.convert.errors import ConversionError
+from lima_jax.convert.hf_config import DEFAULT_THETA, read_hf_arch
+from lima_jax.convert.layout import (
+    IGNORED_HF_SUFFIXES,
+    IGNORED_META,
+    LAYOUT,
+    Tensor,
+    ffn_dim_meta,
+)
 from lima_jax.model.config import ModelConfig
 
 ARCH_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta")
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted as it is; the message says which file and why."""
-
+TOKENIZER = "tokenizer.model"
+__all__ = ["ARCH_KEYS", "ConversionError", "HFSource", "MetaSource", "open_source"]
 
 def _to_numpy(t) -> np.ndarray:
     """A torch tensor -> numpy without changing bits (bfloat16 via ml_dtypes)."""
@@ -103,6 +112,13 @@ class _Source:
     def arch(self) -> dict:
         return dict(self._arch)
 
+    def tokenizer(self) -> pathlib.Path | None:
+        """The SentencePiece model shipped with the weights, if any."""
+        return next((d / TOKENIZER for d in self._tokenizer_dirs() if (d / TOKENIZER).is_file()), None)
+
+    def _tokenizer_dirs(self) -> tuple[pathlib.Path, ...]:
+        return (self.dir,)
+
     @contextlib.contextmanager
     def opened(self):
         self._open = self._open_files()
@@ -147,15 +163,23 @@ class MetaSource(_Source):
             with self.opened():
                 self._arch["vocab_size"] = int(self._open[0]["tok_embeddings.weight"].shape[0])
 
+    def _tokenizer_dirs(self):
+        return (self.dir, self.dir.parent)  # Meta ships one tokenizer.model beside the size folders
+
     def _read_arch(self, p: dict) -> dict:
+        where = self.dir / "params.json"
+        for field in ("use_scaled_rope", "rope_scaling"):  # LLaMA 3.1's scaled RoPE
+            if p.get(field):
+                raise ConversionError(f"{where}: {field}={p[field]!r}; the model implements plain RoPE only, "
+                                      "so converting it would change the model's outputs")
         try:
             dim, n_heads = int(p["dim"]), int(p["n_heads"])
             arch = dict(vocab_size=int(p.get("vocab_size", -1)), dim=dim, n_layers=int(p["n_layers"]), n_heads=n_heads,
                         n_kv_heads=int(p.get("n_kv_heads") or n_heads),
                         ffn_dim=ffn_dim_meta(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier")),
-                        norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 10000.0)))
+                        norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", DEFAULT_THETA)))
         except KeyError as e:
-            raise ConversionError(f"{self.dir / 'params.json'} lacks {e.args[0]!r}") from None
+            raise ConversionError(f"{where} lacks {e.args[0]!r}") from None
         return arch
 
     def _open_files(self):
@@ -242,18 +266,16 @@ class HFSource(_Source):
                     self.where.update({k: f for k in h.keys()})
 
     def _read_arch(self, c: dict) -> dict:
-        if c.get("model_type", "llama") != "llama":
-            raise ConversionError(f"{self.dir / 'config.json'}: model_type={c.get('model_type')!r}, expected 'llama'")
-        if c.get("tie_word_embeddings"):
-            raise ConversionError(f"{self.dir / 'config.json'}: tie_word_embeddings=true; LLaMA has a separate lm_head")
-        try:
-            n_heads = int(c["num_attention_heads"])
-            return dict(vocab_size=int(c["vocab_size"]), dim=int(c["hidden_size"]), n_layers=int(c["num_hidden_layers"]),
-                        n_heads=n_heads, n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-                        ffn_dim=int(c["intermediate_size"]), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                        rope_theta=float(c.get("rope_theta", 10000.0)))
-        except KeyError as e:
-            raise ConversionError(f"{self.dir / 'config.json'} lacks {e.args[0]!r}") from None
+        arch = read_hf_arch(c, str(self.dir / self.arch_file))
+        self.tied = arch.tied
+        return arch.fields
+
+    def _stored_name(self, entry: Tensor, layer: int | None) -> str:
+        """The file's tensor for `entry`: with tied embeddings, lm_head is the embedding (copied
+        into our separate lm_head; an lm_head.weight in the files, if any, is ignored)."""
+        if self.tied and entry.path == ("lm_head",):
+            return next(t for t in LAYOUT if t.path == ("embed",)).hf_name()
+        return entry.hf_name(layer)
 
     def _open_files(self):
         from safetensors import safe_open
@@ -261,8 +283,10 @@ class HFSource(_Source):
         return {f: safe_open(f, framework="pt") for f in sorted(set(self.where.values()))}
 
     def check(self, cfg: ModelConfig) -> None:
-        expected = {t.hf_name(i): t for t in LAYOUT for i in t.layers(cfg)}
-        unknown = sorted(k for k in self.where if k not in expected and not k.endswith(IGNORED_HF_SUFFIXES))
+        expected = {self._stored_name(t, i): t for t in LAYOUT for i in t.layers(cfg)}
+        ignored = {"lm_head.weight"} if self.tied else set()
+        unknown = sorted(k for k in self.where
+                         if k not in expected and k not in ignored and not k.endswith(IGNORED_HF_SUFFIXES))
         if unknown:
             raise ConversionError(f"{self.dir}: unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
         absent = sorted(set(expected) - set(self.where))
@@ -278,7 +302,7 @@ class HFSource(_Source):
     def _read(self, entry, layer):
         from safetensors import safe_open
 
-        name = entry.hf_name(layer)
+        name = self._stored_name(entry, layer)
         with safe_open(self.where[name], framework="pt") as h:  # its own map, gone after this tensor
             return _to_numpy(h.get_tensor(name))
 

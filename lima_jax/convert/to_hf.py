@@ -1,8 +1,12 @@
 """Orbax checkpoint (converted or trained) -> Hugging Face folder, one tensor at a time.
 
 Writes `config.json` (LlamaForCausalLM), `generation_config.json`, safetensors shards with
-`model.safetensors.index.json` and, if given, the tokenizer. Vocabulary padding is trimmed
-(the EOT row stays: vocab 32,001). Every tensor's name, shape and size are known from the
+`model.safetensors.index.json` and the tokenizer files (`tokenizer_files`: the checkpoint's
+stored tokenizer by default, EOT as a special token and LIMA's chat template). Vocabulary
+padding is trimmed (the EOT row stays: vocab 32,001). A fine-tuned model's `eos_token_id` is
+[EOS, EOT] in both configs, so `generate` stops at the end of a turn, and its generation config
+carries LIMA's decoding (`LIMA_DECODING`; transformers' repetition penalty also counts the
+prompt's tokens, LIMA's only the answer's). Every tensor's name, shape and size are known from the
 config, so the shards are planned up front (at most `max_shard_bytes` each, whole layers in
 order), each file's header is written first and each HF tensor is then read alone from the
 checkpoint (`checkpoint.ParamsReader`: one layer's slice of a stacked leaf), converted and
@@ -10,33 +14,34 @@ appended. Host memory is about one layer's tensor, whatever the depth or the sha
 """
 
 import json
+import logging
 import pathlib
 import shutil
 
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax.hostmem import bound_heap
+from lima_jax.convert.errors import ConversionError
+from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
-from lima_jax.convert.sources import ConversionError
+from lima_jax.convert.safety import check_output_location, refuse_existing
+from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files
+from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
 
+log = logging.getLogger(__name__)
+
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-BOS_ID, EOS_ID = 1, 2  # LLaMA's SentencePiece ids
+# LIMA's decoding (sampling.SamplingSettings' defaults; a test keeps them equal), for transformers.
+LIMA_DECODING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.2,
+                 "max_new_tokens": 2048}
 
 
-def hf_config(cfg: ModelConfig, dtype: str, eot_id: int | None = None) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len, "initializer_range": 0.02, "tie_word_embeddings": False,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "use_cache": True,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID if eot_id is None else [EOS_ID, eot_id],
-        "torch_dtype": dtype,
-    }
+def generation_config(eot_id: int | None) -> dict:
+    """A fine-tuned model stops at EOT or EOS and samples as LIMA does; a base model keeps
+    transformers' defaults."""
+    config = {"bos_token_id": BOS_ID, "eos_token_id": stop_ids(eot_id)}
+    return config if eot_id is None else {**config, **LIMA_DECODING}
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -106,16 +111,20 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     `dtype` (float32 / bfloat16 / float16) defaults to the checkpoint's param_dtype. Atomic:
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
     layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
+    check_output_location(checkpoint_path, output, overwrite=overwrite)
     out = pathlib.Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    tmp = out.parent / f"{out.name}.tmp-export"
+    refuse_existing(tmp, "export")
     meta = checkpoint.read_meta(checkpoint_path)
     if not meta.model:
         raise ConversionError(f"{checkpoint_path}: its meta item has no model config")
     cfg = ModelConfig.from_config(meta.model)
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
-    tok_files = _tokenizer_files(tokenizer)
+    proto = _tokenizer_proto(tokenizer, meta, checkpoint_path)
+    tok_files = {} if proto is None else hf_tokenizer_files(proto, meta.eot_id, cfg.max_seq_len)
     bound_heap()
     reader = checkpoint.ParamsReader(checkpoint_path)
     abstract = abstract_params(cfg)
@@ -131,9 +140,6 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     shards = plan_shards(tensors, max_shard_bytes)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
 
-    tmp = out.parent / f"{out.name}.tmp-export"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         todo = iter(order)
@@ -148,22 +154,17 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         (tmp / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, meta.eot_id), indent=2))
-        gen = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID if meta.eot_id is None else [EOS_ID, meta.eot_id]}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        for f, name in tok_files:
-            shutil.copy2(f, tmp / name)
-        if tok_files and not any(name == "tokenizer_config.json" for _, name in tok_files):
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                 "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(write_hf_config(cfg, dtype, meta.eot_id), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(meta.eot_id), indent=2))
+        for name, contents in tok_files.items():
+            (tmp / name).write_bytes(contents)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out)}
+    return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 
 
 def _np_dtype(name: str):
@@ -176,15 +177,22 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def _tokenizer_files(tokenizer) -> list[tuple[pathlib.Path, str]]:
-    """(source, name in the export) for a SentencePiece model file or a folder's tokenizer files."""
-    if tokenizer is None:
-        return []
-    p = pathlib.Path(tokenizer)
-    if p.is_file():
-        return [(p, "tokenizer.model")]
-    if p.is_dir():
-        files = [(p / name, name) for name in TOKENIZER_FILES if (p / name).is_file()]
-        if files:
-            return files
-    raise ConversionError(f"--tokenizer={tokenizer}: no tokenizer.model (or tokenizer files) there")
+def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
+    """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
+    one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
+    from etils import epath
+
+    if tokenizer is not None:
+        path = epath.Path(tokenizer)
+        path = path / TOKENIZER_MODEL if path.is_dir() else path
+        if not path.is_file():
+            raise ConversionError(f"--tokenizer={tokenizer}: no SentencePiece model there")
+        return path.read_bytes()
+    if meta.tokenizer is not None:
+        return meta.tokenizer
+    saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
+    if saved:
+        return epath.Path(saved).read_bytes()
+    log.warning("%s stores no tokenizer and no --tokenizer was given: the export has no tokenizer files",
+                checkpoint_path)
+    return None

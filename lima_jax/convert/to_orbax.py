@@ -6,6 +6,9 @@ one layer's tensor, turns it into our layout and `checkpoint.save_params_streami
 into its slice `[i]` of the checkpoint's array before the next layer is read, so host memory
 is about one layer's tensor (or the embedding) plus fixed overhead, at any depth. The result
 restores with `checkpoint.restore_params(path, abstract_params(cfg), shardings)`.
+
+The source's `tokenizer.model` (or `tokenizer=`) is stored in the checkpoint's meta, so
+sampling and export use the tokenizer the weights were released with.
 """
 
 import dataclasses
@@ -14,9 +17,11 @@ import time
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax.hostmem import bound_heap, return_freed_memory
 from lima_jax.convert.layout import LAYOUT, get_path, mean_row
+from lima_jax.convert.safety import check_output_location
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
+from lima_jax.convert.tokenizer_files import find_source_tokenizer
+from lima_jax.hostmem import bound_heap, return_freed_memory
 from lima_jax.model import ModelConfig, abstract_params
 
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -95,12 +100,15 @@ def iter_leaves(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | No
 
 
 def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | None = None, add_eot: bool = False,
-                     vocab_multiple: int | None = None, param_dtype: str | None = None, overwrite: bool = False) -> dict:
+                     vocab_multiple: int | None = None, param_dtype: str | None = None, overwrite: bool = False,
+                     tokenizer=None) -> dict:
     """Convert a Meta (`source="meta"`) or HF (`"hf"`) folder to an Orbax checkpoint at `output`.
 
-    Returns a small report: the model config, bytes read, seconds. `add_eot` appends one
-    vocabulary row (LIMA's end-of-turn id = the old vocabulary size) to the embedding and the
-    output head, initialised to the mean of the existing rows."""
+    Returns a small report: the model config, bytes read, seconds, whether a tokenizer was
+    stored. `add_eot` appends one vocabulary row (LIMA's end-of-turn id = the old vocabulary
+    size) to the embedding and the output head, initialised to the mean of the existing rows.
+    `tokenizer`: the SentencePiece model to store (default: the one shipped with the weights)."""
+    check_output_location(input_dir, output, overwrite=overwrite)
     out = checkpoint.as_path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
@@ -114,11 +122,14 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
                         param_dtype=param_dtype or (None if config is not None else "float32"),
                         arch_file=str(src.dir / src.arch_file))
     src.check(ModelConfig(**arch, vocab_multiple=1))
+    proto = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
+                                  where_vocab=str(src.dir / src.arch_file))
     meta = checkpoint.CheckpointMeta(
-        model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None,
+        model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None, tokenizer=proto,
         source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
     stats: dict = {}
     checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
                                      meta, overwrite=overwrite)
     seconds = time.perf_counter() - start
-    return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out)}
+    return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out),
+            "tokenizer": proto is not None}

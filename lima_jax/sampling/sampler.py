@@ -50,6 +50,10 @@ class Sampler:
         turns = [turns] if isinstance(turns, str) else list(turns)
         if fmt == "lima":
             from lima_jax.data.format import format_prompt
+            if self.tokenizer.eot_id >= self.cfg.vocab_size:  # a base model: no EOT row to end turns with
+                raise ValueError("format 'lima' needs LIMA's end-of-turn token, but this checkpoint is a base model "
+                                 f"without one (vocab_size {self.cfg.vocab_size} = the tokenizer's pieces): sample "
+                                 "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
             return format_prompt(turns, self.tokenizer)
         if fmt == "raw":
             return [self.tokenizer.bos_id] + self.tokenizer.encode("\n".join(turns))
@@ -193,18 +197,21 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
                  ) -> tuple[Sampler, object]:
     """(Sampler, effective ml-collections config) from a checkpoint step, checkpoint root or
     training work dir. Without `config`, the one saved in the checkpoint's meta is used
-    (`meta["config"]`, or else `meta["model"]` over the base config). The tokenizer is
-    `tokenizer_path`, else `config.data.tokenizer_path` (empty: the demo tokenizer)."""
+    (`meta.config`, or else `meta.model` over the base config).
+
+    The tokenizer is `tokenizer_path` if given, else the one stored in the checkpoint, else
+    `config.data.tokenizer_path`; the demo tokenizer only when the checkpoint's own config says
+    tokenizer_path "" (the tiny demo). A checkpoint with none of these is refused. The
+    tokenizer must fit the weights (`_check_tokenizer_fits`), else ValueError."""
     import ml_collections
 
     from lima_jax import checkpoint
     from lima_jax.config import base_config, model_config
-    from lima_jax.data.tokenizer import load_tokenizer
     from lima_jax.model import abstract_params, param_logical_axes
     from lima_jax.sharding import make_mesh, named_shardings
 
+    meta = checkpoint.read_meta(checkpoint_path)
     if config is None:
-        meta = checkpoint.read_meta(checkpoint_path)
         if meta.config:
             config = ml_collections.ConfigDict(meta.config)
         elif meta.model:
@@ -215,12 +222,44 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
     if mesh_overrides:
         config.mesh.update(mesh_overrides)
     cfg = dataclasses.replace(model_config(config), remat_policy="none")  # no gradients here
-    tokenizer = load_tokenizer(tokenizer_path if tokenizer_path is not None else config.data.get("tokenizer_path", ""))
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids (pieces + EOT) but config.model.vocab_size "
-                         f"is {cfg.vocab_size}")
+    tokenizer, origin = _checkpoint_tokenizer(checkpoint_path, meta, config, tokenizer_path)
+    _check_tokenizer_fits(tokenizer, origin, cfg.vocab_size, meta.eot_id, checkpoint_path)
     mesh = make_mesh(config.mesh)
     shardings = named_shardings(param_logical_axes(cfg), mesh)
     params = checkpoint.restore_params(checkpoint_path, abstract_params(cfg), shardings)
     return Sampler(cfg, params, tokenizer, mesh), config
 
+
+def _checkpoint_tokenizer(checkpoint_path, meta, config, tokenizer_path: str | None) -> tuple[object, str]:
+    """(Tokenizer, where it came from) for `load_sampler`, in its order; never a silent demo."""
+    import sentencepiece as spm
+
+    from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+    if tokenizer_path is not None:
+        return load_tokenizer(tokenizer_path), tokenizer_path
+    if meta.tokenizer is not None:
+        return Tokenizer(spm.SentencePieceProcessor(model_proto=meta.tokenizer)), "the checkpoint's tokenizer"
+    path = config.data.get("tokenizer_path", "")
+    if path:
+        return load_tokenizer(path), path
+    saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
+    if saved == "":  # trained on the demo data with the demo tokenizer (configs/tiny.py)
+        return load_tokenizer(""), "the demo tokenizer"
+    raise ValueError(f"{checkpoint_path} stores no tokenizer and its config names none: pass --tokenizer "
+                     "(the tokenizer.model the weights were released or trained with)")
+
+
+def _check_tokenizer_fits(tokenizer, origin: str, vocab_size: int, eot_id: int | None, checkpoint_path) -> None:
+    """A fine-tuned model's EOT id is the tokenizer's piece count; a base model (no EOT row) has
+    exactly the tokenizer's pieces as vocabulary. A checkpoint that records no eot_id but has one
+    row more than the pieces is a fine-tuned model (EOT = pieces, the Tokenizer's convention)."""
+    pieces = tokenizer.num_pieces
+    if eot_id is not None:
+        fits, expected = pieces == eot_id, f"its EOT id {eot_id} needs {eot_id} pieces"
+    else:
+        fits, expected = pieces in (vocab_size, vocab_size - 1), f"a {vocab_size}-token base model needs {vocab_size}"
+    if not fits:
+        bigger = " (more than the model has rows)" if pieces > vocab_size else ""
+        raise ValueError(f"{origin} has {pieces} pieces{bigger} but {checkpoint_path} does not fit it: {expected}; "
+                         "this is not the tokenizer the weights were trained with: pass the right one with --tokenizer")
