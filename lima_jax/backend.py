@@ -1,9 +1,9 @@
 """Speed settings that only one backend wants, chosen here per backend: the rest of the code asks.
 
 `platform` is a JAX platform name ("cpu", "gpu" or its "cuda"/"rocm" spellings, "tpu"); None
-means the running backend (`jax.default_backend()`). Pass it explicitly where the program is
-compiled for another backend than the one running, as the AOT fit check compiles TPU programs
-on a CPU host. The measurements behind each value are in docs/benchmarks.md.
+means the target of the program being traced: the platform of the mesh set by `jax.set_mesh`
+(so the AOT fit check, which traces for a TPU topology on a CPU host, gets TPU's settings),
+else the running backend. The measurements behind each value are in docs/benchmarks.md.
 
 - `tuning(platform)`: what the model reads at trace time where its config leaves a setting None
   (`ModelConfig.for_platform` fills them for a given platform).
@@ -51,9 +51,15 @@ TUNINGS = {
 ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
+def target_platform() -> str:
+    """The platform of the mesh being traced for (`jax.set_mesh`), else the running backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def platform_name(platform: str | None = None) -> str:
-    """The TUNINGS key of `platform` (None: the running backend)."""
-    name = (platform or jax.default_backend()).lower()
+    """The TUNINGS key of `platform` (None: `target_platform()`)."""
+    name = (platform or target_platform()).lower()
     name = ALIASES.get(name, name)
     if name not in TUNINGS:
         raise ValueError(f"no tuning for the JAX platform {platform!r}; known: {sorted(TUNINGS)}")
@@ -61,12 +67,12 @@ def platform_name(platform: str | None = None) -> str:
 
 
 def tuning(platform: str | None = None) -> Tuning:
-    """The speed settings of `platform` (None: the running backend)."""
+    """The speed settings of `platform` (None: the target of the program being traced)."""
     return TUNINGS[platform_name(platform)]
 
 
 def compiler_options(platform: str | None = None) -> dict[str, str] | None:
-    """XLA options for jitting the train step on `platform` (None: the running backend), or None
+    """XLA options for jitting the train step on `platform` (None: `target_platform()`), or None
     where that backend keeps its defaults (`jax.jit(..., compiler_options=...)` takes either)."""
     return dict(tuning(platform).compiler_options) or None
 

@@ -136,3 +136,16 @@ def test_backend_tuning_fills_only_the_speed_settings_left_unset():
     assert explicit.for_platform("cpu") == explicit
     with pytest.raises(ValueError, match="no tuning"):
         GQA.for_platform("metal")
+
+
+def test_tuning_follows_the_platform_of_the_mesh_traced_for():
+    """The AOT fit check traces TPU programs on a CPU host, under a mesh of TPU topology devices."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    from lima_jax import backend
+
+    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("fsdp",))):
+        assert backend.tuning() == backend.TUNINGS["tpu"]
+    assert backend.tuning() == backend.tuning(jax.default_backend())

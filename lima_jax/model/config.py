@@ -5,8 +5,9 @@ hashable, typed copy so it can be a static argument of `jax.jit` and a cache key
 
 Two fields only change speed, and their best values depend on the backend: `transposed_wgrad`
 and `causal_blocks`. None (the default) means the backend's choice (lima_jax.backend), read
-when the model is traced; True/False or a number is an explicit override. A program compiled
-for another backend than the running one takes `cfg.for_platform("tpu")`, which fills them.
+when the model is traced, for the platform of the mesh it is traced under (else the running
+backend); True/False or a number is an explicit override. `cfg.for_platform("tpu")` fills
+them for a named platform.
 """
 
 import dataclasses
@@ -66,7 +67,7 @@ class ModelConfig:
 
     def for_platform(self, platform: str | None = None) -> "ModelConfig":
         """This config with the backend-dependent speed settings left None filled with
-        `platform`'s (None: the running backend's); explicit values stay."""
+        `platform`'s (None: lima_jax.backend.target_platform()); explicit values stay."""
         chosen = backend.tuning(platform)
         return dataclasses.replace(self, **{name: getattr(chosen, name) for name in BACKEND_TUNED
                                             if getattr(self, name) is None})
