@@ -17,8 +17,7 @@ from jax.sharding import NamedSharding
 from lima_jax import config as config_lib
 from lima_jax.model import abstract_params, flops_per_token, param_logical_axes
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
-from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import abstract_train_state, make_train_step
+from lima_jax.train.program import batch_layout_for, build_program
 
 GiB = 1 << 30
 
@@ -69,36 +68,35 @@ def topology_devices(name: str, num_slices: int = 1):
     return chip, topologies.get_topology_desc(**kwargs).devices
 
 
-def step_rows(config, mesh) -> int:
-    """Rows of the compiled step: data.rows_per_step, or one example per row (the most the LIMA
-    batch can need) rounded up to the batch shards."""
-    rows = config.data.rows_per_step
-    if rows <= 0:
-        rows = config.data.examples_per_step
-    multiple = mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps
-    return -(-rows // multiple) * multiple
+def rows_needed(config) -> tuple[int, str]:
+    """(rows the fullest step's packing needs, where that figure comes from): the plan of the
+    configured data when `data.train_path` is set, else one example a row, the most a step of
+    `examples_per_step` examples can need."""
+    if not config.data.train_path:
+        return config.data.examples_per_step, "one example a row (no data.train_path: the most a step can need)"
+    from lima_jax.data import pipeline
+
+    data = pipeline.load_data(config.data, config.seed)
+    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
+    return plan.rows_needed, f"the plan of {config.data.train_path} ({plan.total_steps} steps)"
 
 
 def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
-    """Compile the train step for `topology`; returns the memory/FLOPs report (raises on no fit)."""
-    chip, devices, model_cfg, mesh = target(config, topology, num_slices)
-    rows, seq = step_rows(config, mesh), config.data.seq_len
-    optimizer = make_optimizer(config.optimizer, 1000)
-    schedule = learning_rate_schedule(config.optimizer, 1000)
-    abstract, shardings = abstract_train_state(model_cfg, optimizer, mesh)
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length")))
-    batch = {k: jax.ShapeDtypeStruct((rows, seq), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ("tokens", "targets", "positions", "segment_ids", "loss_weights")}
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shardings.step)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
-                   out_shardings=(shardings, shardings.step), donate_argnums=0)
+    """Compile the train step the loop would run on `topology` (same program builder, same
+    batch layout); returns the memory/FLOPs report (raises when the compiler finds no fit)."""
+    chip, devices = topology_devices(topology, num_slices)
+    model_cfg = config_lib.validate(config, len(devices), num_slices)
+    needed, why = rows_needed(config)
+    layout = batch_layout_for(config, model_cfg, needed, devices)
+    mesh = make_mesh(config.mesh, devices, context=layout.context)
+    program = build_program(config, model_cfg, mesh, total_steps=1000)
+    seq = config.data.seq_len
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch, key).compile()
+        compiled = program.train_step.lower(*program.abstract_args(layout.rows, seq)).compile()
     return dict(report(compiled, chip, devices), step="train", topology=topology, num_slices=num_slices,
-                mesh=dict(mesh.shape), rows=rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
-                attention=model_cfg.attention, model_flops_per_step=flops_per_token(model_cfg, seq) * rows * seq)
+                mesh=dict(mesh.shape), rows=layout.rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
+                attention=model_cfg.attention, layout=layout.describe(seq), rows_from=why,
+                model_flops_per_step=flops_per_token(model_cfg, seq) * layout.rows * seq)
 
 
 def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: int = 256) -> dict:
@@ -151,6 +149,7 @@ def format_report(r: dict) -> str:
         f"{r['step']} step on {r['topology']} x{r['num_slices']} slice(s): {r['devices']} devices, mesh {r['mesh']}",
         f"{r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}, attention={r['attention']} "
         f"({r['pallas_kernels']} Pallas kernel calls in the program)",
+        *([f"batch: {r['layout']}; rows: {r['rows_from']}"] if "layout" in r else []),
         f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
         f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
         f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",

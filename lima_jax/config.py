@@ -27,12 +27,15 @@ def base_config() -> ml_collections.ConfigDict:
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
-    # LIMA data: paths may be local or gs://. See lima_jax/data for the batch semantics.
+    # LIMA data: paths may be local or gs://. See lima_jax/data/pipeline.py for the batch semantics.
     c.data = ml_collections.ConfigDict(dict(
-        train_path="", tokenizer_path="", dev_size=50, seq_len=2048,
-        examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models
-        rows_per_step=-1,  # packed [rows, seq_len] rows per step; -1 = derived from examples_per_step
-        packing_bins=64,  # Grain first-fit bins filled before rows are emitted; more = less padding
+        train_path="", tokenizer_path="",
+        dev_path="",  # a LIMA-format dev file; with it, all of train_path trains (the paper's setup)
+        dev_size=50,  # without dev_path: examples held out of train_path (0: no dev loss, no dev samples)
+        sources=(),  # keep only examples whose `source` field is listed; () = all
+        seq_len=2048,
+        examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models; exact on every mesh
+        rows_per_step=-1,  # packed [rows, seq_len] rows a step; -1 = the most any step needs (the plan)
     ))
 
     # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
@@ -54,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
         compilation_cache_dir="~/.cache/lima_jax/xla",  # persistent; "" disables
         peak_flops_per_device=0.0,  # for MFU where the chip is not in train.metrics.PEAK_FLOPS; 0 = the table
         profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
+        accept_changed=(),  # run-defining keys a resume may change deliberately, e.g. ("train.epochs",)
     ))
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
     return c
@@ -71,13 +75,79 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_config(c.model)
 
 
+# Counts that must be at least this (config key -> minimum).
+_MINIMUM = {"data.examples_per_step": 1, "data.seq_len": 1, "data.dev_size": 0, "train.epochs": 1,
+            "train.grad_accum_steps": 1, "train.log_every_steps": 1, "train.checkpoint_every_steps": 0,
+            "train.sample_dev_prompts": 0, "train.sample_max_new_tokens": 1, "model.logits_chunks": 1}
+
+
+def validate_values(c: ml_collections.ConfigDict) -> None:
+    """Checks that need no devices and no data; raises ValueError naming the config key."""
+    for key, minimum in _MINIMUM.items():
+        section, name = key.split(".")
+        value = c[section][name]
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"config.{key}={value!r}: must be an integer >= {minimum}")
+    rows = c.data.rows_per_step
+    if not isinstance(rows, int) or rows == 0 or rows < -1:
+        raise ValueError(f"config.data.rows_per_step={rows!r}: a positive number of rows, or -1 (sized by the plan)")
+    if rows > 0 and rows % c.train.grad_accum_steps:
+        raise ValueError(f"config.train.grad_accum_steps={c.train.grad_accum_steps} does not divide "
+                         f"config.data.rows_per_step={rows}")
+    if c.data.seq_len > c.model.max_seq_len:
+        raise ValueError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
+                         f"{c.model.max_seq_len}, the context the model's positions cover")
+    for key in ("optimizer.learning_rate", "optimizer.end_learning_rate"):
+        section, name = key.split(".")
+        if not c[section][name] >= 0:
+            raise ValueError(f"config.{key}={c[section][name]!r}: must be >= 0")
+    unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]
+    if unknown:
+        raise ValueError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "
+                         f"choose from {list(RUN_DEFINING)}")
+
+
+# What defines a run: a resume must match these (or list them in config.train.accept_changed).
+# The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
+RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
+                "data.examples_per_step", "train.epochs", "optimizer")
+_MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad")
+
+
+def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: str) -> dict:
+    """The run-defining values of a config (RUN_DEFINING), with the data as content digests."""
+    model = {k: v for k, v in c.model.to_dict().items() if k not in _MODEL_SPEED_KEYS}
+    return {"seed": c.seed, "model": model, "data.train": train_digest, "data.dev": dev_digest,
+            "data.sources": sorted(c.data.sources), "data.dev_size": 0 if c.data.dev_path else c.data.dev_size,
+            "data.seq_len": c.data.seq_len, "data.examples_per_step": c.data.examples_per_step,
+            "train.epochs": c.train.epochs, "optimizer": c.optimizer.to_dict()}
+
+
+def is_accepted(key: str, accepted) -> bool:
+    """`model.dim` is accepted by `model.dim` or by `model`."""
+    return key in accepted or key.split(".")[0] in accepted
+
+
+def changed_run_keys(saved: dict, current: dict) -> list[str]:
+    """The run-defining keys whose values differ (nested ones as `model.dim`)."""
+    out = []
+    for key in RUN_DEFINING:
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{key}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            out.append(key)
+    return out
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> ModelConfig:
     """Check a config against the devices before compiling; returns the model config.
 
     Raises ValueError naming the offending config key."""
+    validate_values(c)
     model = model_config(c)
     ici, dcn = resolve_mesh_shape(c.mesh, num_devices, num_slices)
-    tensor = ici[2] * dcn[2]
+    tensor = ici[-1] * dcn[-1]
     for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads),
                        ("model.ffn_dim", model.ffn_dim)):
         if value % tensor:

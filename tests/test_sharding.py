@@ -42,10 +42,13 @@ def reference():
     return params, batch, loss, grads
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
-def test_sharded_loss_and_grads_equal_single_device(shape, reference):
+@pytest.mark.parametrize("shape, context", [((8, 1, 1), 1), ((1, 8, 1), 1), ((2, 2, 2), 1),
+                                            ((1, 8, 1), 8), ((1, 8, 1), 2), ((2, 2, 2), 2)])
+def test_sharded_loss_and_grads_equal_single_device(shape, context, reference):
+    """Rows over data and fsdp, heads over tensor, and (context > 1) each row's tokens over
+    `context` of the fsdp devices: the single-device loss and gradients."""
     params, batch, ref_loss, ref_grads = reference
-    mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))))
+    mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))), context=context)
     p_shard = named_shardings(param_logical_axes(CFG), mesh)
     b_shard = NamedSharding(mesh, logical_to_spec(("batch", "length")))
     with jax.set_mesh(mesh):
@@ -93,4 +96,4 @@ def test_attention_kernel_limits_name_the_keys():
 def test_fill_axis_takes_the_remaining_devices():
     c = base_config()
     c.mesh.update(data=2, fsdp=-1, tensor=2)
-    assert make_mesh(c.mesh).shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert make_mesh(c.mesh).shape == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}

@@ -35,10 +35,11 @@ def test_weight_decay_skips_norms_only():
 def step_once(accum, batch):
     config = base_config()
     config.optimizer.learning_rate = 1e-3
-    optimizer = make_optimizer(config.optimizer, 10)
+    schedule = learning_rate_schedule(config.optimizer, 10)
+    optimizer = make_optimizer(config.optimizer, schedule)
     params = init_params(CFG, jax.random.key(0))
     state = TrainState(jnp.int32(0), params, optimizer.init(params))
-    step = jax.jit(make_train_step(CFG, optimizer, learning_rate_schedule(config.optimizer, 10), accum))
+    step = jax.jit(make_train_step(CFG, optimizer, schedule, accum))
     return step(state, batch, jax.random.key(1))
 
 
@@ -71,7 +72,8 @@ def test_non_finite_loss_leaves_the_state_unchanged():
 
 def test_optimizer_state_follows_parameter_shardings():
     mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    optimizer = make_optimizer(base_config().optimizer, 10)
+    opt_cfg = base_config().optimizer
+    optimizer = make_optimizer(opt_cfg, learning_rate_schedule(opt_cfg, 10))
     _, shardings = abstract_train_state(CFG, optimizer, mesh)
     adam = shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     assert adam.mu["layers"]["attn"]["wq"] == shardings.params["layers"]["attn"]["wq"]
@@ -86,8 +88,8 @@ def test_lima_step_count_for_1000_examples_15_epochs_32_per_step(shared_dir):
     config.data.update(train_path=str(shared_dir / "lima" / "train.jsonl"),
                        tokenizer_path=str(shared_dir / "llama" / "tokenizer.model"), dev_size=0, examples_per_step=32)
     data = pipeline.load_data(config.data, seed=0)
-    plan = pipeline.make_plan(data, config.data, epochs=15)
+    plan = pipeline.make_plan(data, 32, epochs=15)
     assert len(data.train) == 1000
-    assert abs(plan.total_steps - 469) <= 0.05 * 469, plan.total_steps
+    assert plan.total_steps == 469
     schedule = learning_rate_schedule(config.optimizer, plan.total_steps)
     np.testing.assert_allclose([float(schedule(0)), float(schedule(plan.total_steps - 1))], [1e-5, 1e-6], rtol=1e-6)

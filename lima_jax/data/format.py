@@ -10,6 +10,8 @@ Bad input, and what happens (every message starts with `file:line:`):
   with a non-string turn, or with an empty / whitespace-only turn -> `DataError`. These are
   bugs in the file; training on them silently would hide them (an empty answer would teach the
   model to stop at once).
+- bytes that are not UTF-8 -> `DataError` naming the line. Lines are split on `\n` only: a
+  raw U+2028 inside a JSON string is valid JSON, and `str.splitlines()` would cut it.
 - blank line -> ignored (trailing newlines are common).
 - odd number of turns (a final user turn with no answer; the LIMA test file is all such lines)
   -> the unanswered turn is dropped and counted in `Stats.dropped_final_turns`; a line left with
@@ -39,14 +41,34 @@ class Stats:
     dropped_final_turns: int = 0
     skipped_no_response: int = 0
     skipped_no_target: int = 0
+    skipped_source: int = 0  # lines whose `source` is not in config.data.sources
     tokens: int = 0  # ids kept after trimming, BOS and EOT included
 
 
-def read_conversations(path: str) -> list[tuple[int, list[str]]]:
-    """Validated (line number, turns) for each non-blank line of a LIMA jsonl file."""
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    line: int  # 1-based line number in its file
+    turns: list[str]
+    source: str  # the record's `source` field ("" if absent): LIMA's origin of the example
+
+
+def read_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (local or gs://), split on newlines only."""
     from etils import epath
+    raw = epath.Path(path).read_bytes()
     out = []
-    for line_no, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
+    for line_no, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            out.append((line_no, line.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+    return out
+
+
+def read_conversations(path: str) -> list[Conversation]:
+    """Validated conversations, one for each non-blank line of a LIMA jsonl file."""
+    out = []
+    for line_no, line in read_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -64,7 +86,10 @@ def read_conversations(path: str) -> list[tuple[int, list[str]]]:
                 raise DataError(f"{where}: turn {i} is a {type(turn).__name__}, not a string")
             if not turn.strip():
                 raise DataError(f"{where}: turn {i} is empty")
-        out.append((line_no, turns))
+        source = record.get("source", "")
+        if not isinstance(source, str):
+            raise DataError(f"{where}: 'source' must be a string")
+        out.append(Conversation(line_no, turns, source))
     return out
 
 
@@ -86,12 +111,18 @@ def format_prompt(turns: list[str], tokenizer: Tokenizer) -> list[int]:
     return encode_conversation(turns, tokenizer)[0].tolist()
 
 
-def load_examples(path: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[dict], Stats]:
+def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = ()
+                  ) -> tuple[list[dict], Stats]:
     """Tokenised training examples from a jsonl file, each a dict with `ids` (int32, at most
-    seq_len + 1), `weights` (float32, same length), `line` and `turns`; plus counts."""
+    seq_len + 1), `weights` (float32, same length), `line`, `turns` and `source`; plus counts.
+    `sources`: keep only lines whose `source` is listed (empty: all)."""
     stats = Stats()
     examples = []
-    for line_no, turns in read_conversations(path):
+    for conv in read_conversations(path):
+        if sources and conv.source not in sources:
+            stats.skipped_source += 1
+            continue
+        line_no, turns = conv.line, conv.turns
         stats.lines += 1
         if len(turns) % 2:
             turns = turns[:-1]
@@ -108,7 +139,9 @@ def load_examples(path: str, tokenizer: Tokenizer, seq_len: int) -> tuple[list[d
             continue
         stats.examples += 1
         stats.tokens += len(ids)
-        examples.append(dict(ids=ids, weights=weights, line=line_no, turns=turns))
+        examples.append(dict(ids=ids, weights=weights, line=line_no, turns=turns, source=conv.source))
     if not examples:
-        raise DataError(f"{path}: no trainable example (every line lacks an assistant turn?)")
+        hint = f"no line has a source in config.data.sources={list(sources)}" if sources and not stats.lines else \
+            "every line lacks an assistant turn?"
+        raise DataError(f"{path}: no trainable example ({hint})")
     return examples, stats

@@ -1,49 +1,43 @@
-"""Grain pipeline: tokenised LIMA examples -> packed, fixed-shape [rows, seq_len] batches.
+"""Grain pipeline: tokenised LIMA examples -> one fixed-shape [rows, seq_len] batch per step.
 
-Batch semantics. LIMA counts 32 (65B) or 64 (smaller) examples per optimizer step. Padding
-each example to 2,048 tokens would make two thirds of the compute padding, so examples are
-packed with Grain's FirstFitPackIterDataset into rows of `seq_len` tokens (segment ids keep
-packed examples from attending to each other, positions restart per example). With
-`rows_per_step=-1` the rows per step are chosen so that the steps per epoch stay close to
-LIMA's (train examples / examples_per_step), rounded UP to `batch_multiple` (the mesh's batch
-shard count) -- a large mesh therefore gives fewer, larger steps rather than padding.
+Batch semantics. LIMA's recipe counts examples: 32 (65B) or 64 (smaller) an optimizer step.
+The shuffled epochs form one stream, cut into groups of exactly `examples_per_step` examples
+(the run's last group may hold fewer); each group is one optimizer step, whatever the mesh or
+the number of processes, so the step count and the learning-rate schedule depend on the data
+and the recipe only. A group is packed into rows of `seq_len` tokens (first-fit decreasing;
+segment ids keep packed examples from attending to each other, positions restart per
+example) instead of padding each example to 2,048 tokens. Every step has the same number of
+rows (static shapes): the most any group needs, or more where the mesh wants a round number
+(`sharding.batch_layout`); the spare rows are padding, counted in `Plan.efficiency`.
 
-Order. One stream: a per-epoch shuffle of the train examples (Grain's shuffle reshuffles each
-repeat), repeated `epochs` times, packed into `packing_bins` bins at a time, batched
-`rows_per_step` rows at a time; the final partial batch is filled with empty rows so shapes
-never change. Packing many bins at a time is what makes >95% of tokens real; the price is that
-an emission of bins can straddle an epoch boundary (each example is still seen exactly once
-per epoch). The step count is computed before training by a dry run of the same packing on
-lengths only (`make_plan`), so the LR schedule knows it; the dry run takes seconds.
+Why not Grain's packers: they pack an endless stream and emit rows, so the examples a step
+holds would vary with the rows a step has. Grain still does the shuffling (reshuffled every
+epoch), the grouping and the checkpointable iterator; packing a group is a few lines here.
 
-Multi-host. Packing decides which examples share a row, so sharding the *examples* by host
-would change the global batch with the process count. Every process therefore runs the same
-(cheap: 1,000 examples) packing and keeps only its contiguous block of rows; `global_batch`
-assembles the jax.Arrays. The result is the same global batch for any process count.
+Multi-host. Every process builds the whole (cheap: 1,000 examples) batch and `global_batch`
+hands each device its part, whichever way the rows and tokens lie over the devices.
 
-No worker processes: packing 1,000 tokenised examples in the main process takes milliseconds
-per step, and workers would only add start-up time.
-
-Trainer entry points: load_data -> make_plan (rows, total_steps for the LR schedule) ->
-train_iterator (checkpoint it with grain.checkpoint) / dev_batches / dev_prompts -> global_batch.
+Trainer entry points: load_data -> make_plan (steps, rows the packing needs) -> train_iterator
+(checkpoint it with grain.checkpoint) / dev_batches / dev_prompts -> global_batch.
 """
 
+import collections
 import dataclasses
+import hashlib
 import zlib
 
 import grain
 import jax
 import numpy as np
-from grain.experimental import FirstFitPackIterDataset
 from jax.sharding import NamedSharding
 
 from lima_jax.data.format import Stats, load_examples
 from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
+from lima_jax.sharding import logical_to_spec
 
-FEATURES = ("tokens", "targets", "loss_weights")
+FEATURES = ("tokens", "targets", "loss_weights", "positions", "segment_ids")
 # No prefetch threads: the data is tiny and Grain's thread prefetch costs more than it saves.
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-_EFFICIENCY_GUESS = 0.97  # packed real-token share used only to choose rows_per_step
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -54,144 +48,151 @@ def derive_seed(seed: int, name: str) -> int:
 @dataclasses.dataclass
 class LimaData:
     tokenizer: Tokenizer
-    train: list[dict]  # each: ids, weights, line, turns (see format.load_examples)
+    train: list[dict]  # each: ids, weights, line, turns, source (see format.load_examples)
     dev: list[dict]
     stats: Stats
     seed: int
     seq_len: int
+    dev_source: str  # where the dev set came from, for the start log
 
-    @property
-    def dev_prompts(self) -> list[list[str]]:
-        """Every dev conversation cut to its first user turn (see `dev_prompts()`)."""
-        return [e["turns"][:1] for e in self.dev]
+    def digest(self, which: str) -> str:
+        """sha256 of the `train` or `dev` examples as trained (token ids and weights, in file
+        order): it changes with the file's content, the tokenizer, `sources` and `seq_len`."""
+        h = hashlib.sha256()
+        for e in getattr(self, which):
+            h.update(np.int64(len(e["ids"])).tobytes() + e["ids"].tobytes() + e["weights"].tobytes())
+        return h.hexdigest()
+
+    def sources(self) -> dict[str, int]:
+        """Train examples per `source` field."""
+        return dict(collections.Counter(e["source"] or "(none)" for e in self.train))
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything the loop needs to know before step 0."""
-    rows_per_step: int
+    """Everything the loop needs to know before step 0 (`rows_per_step` is set by the layout)."""
+    examples_per_step: int
+    rows_needed: int  # the most rows the packing of any step needs
     seq_len: int
     epochs: int
-    packing_bins: int
     total_steps: int
-    steps_per_epoch: float  # total_steps / epochs (packing streams across epoch boundaries)
     real_tokens: int  # non-padding input tokens over all steps
-    efficiency: float  # real_tokens / (total_steps * rows_per_step * seq_len)
+    rows_per_step: int = 0
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.total_steps / self.epochs
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / token slots of all steps' rows."""
+        return self.real_tokens / (self.total_steps * max(self.rows_per_step, self.rows_needed) * self.seq_len)
 
 
 def load_data(data_cfg, seed: int) -> LimaData:
-    """Tokenise `data_cfg.train_path` and hold out `data_cfg.dev_size` examples chosen by the seed."""
+    """Tokenise `train_path` (keeping `sources`); the dev set is `dev_path`, or else
+    `dev_size` train examples held out by the seed (0: no dev set)."""
     tokenizer = load_tokenizer(data_cfg.tokenizer_path)
-    examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len)
+    sources = tuple(data_cfg.sources)
+    examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len, sources)
+    if data_cfg.dev_path:
+        dev, _ = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources)
+        return LimaData(tokenizer, examples, dev, stats, seed, data_cfg.seq_len, data_cfg.dev_path)
     if not 0 <= data_cfg.dev_size < len(examples):
-        raise ValueError(f"config.data.dev_size={data_cfg.dev_size} must be in [0, {len(examples)})")
+        raise ValueError(f"config.data.dev_size={data_cfg.dev_size} must be in [0, {len(examples)}): "
+                         f"{data_cfg.train_path} has {len(examples)} trainable examples")
     perm = np.random.default_rng(derive_seed(seed, "data/dev_split")).permutation(len(examples))
     dev_ids = set(perm[:data_cfg.dev_size].tolist())
     train = [e for i, e in enumerate(examples) if i not in dev_ids]
     dev = [e for i, e in enumerate(examples) if i in dev_ids]
-    return LimaData(tokenizer, train, dev, stats, seed, data_cfg.seq_len)
+    where = f"{len(dev)} held out of {data_cfg.train_path}" if dev else "none"
+    return LimaData(tokenizer, train, dev, stats, seed, data_cfg.seq_len, where)
 
 
-def _features(e: dict) -> dict:
-    """Next-token inputs/targets; a target's weight is its own loss weight (assistant or EOT)."""
-    return dict(tokens=e["ids"][:-1], targets=e["ids"][1:], loss_weights=e["weights"][1:])
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths`, grouped into rows of at most `capacity`."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
 
 
-def _pack(ds: grain.MapDataset, seq_len: int, bins: int, seed: int, shuffle_bins: bool):
-    return FirstFitPackIterDataset(
-        ds.to_iter_dataset(_READ), length_struct={k: seq_len for k in FEATURES}, num_packing_bins=bins,
-        seed=seed, shuffle_bins=shuffle_bins, meta_features=FEATURES[1:])
+def pack_batch(examples: list[dict], rows: int, seq_len: int) -> dict:
+    """One step's examples packed into [rows, seq_len] arrays (spare rows all padding), plus
+    `examples`, their count. Inputs are ids[:-1], targets ids[1:], each target weighted by
+    its own loss weight (assistant tokens and their EOT)."""
+    packing = pack_rows([len(e["ids"]) - 1 for e in examples], seq_len)
+    if len(packing) > rows:
+        raise ValueError(f"a step's {len(examples)} examples need {len(packing)} rows of {seq_len} tokens, "
+                         f"more than the {rows} of config.data.rows_per_step")
+    out = {k: np.zeros((rows, seq_len), np.float32 if k == "loss_weights" else np.int32) for k in FEATURES}
+    for r, members in enumerate(packing):
+        at = 0
+        for segment, i in enumerate(members, start=1):
+            ids, weights = examples[i]["ids"], examples[i]["weights"]
+            n = len(ids) - 1
+            out["tokens"][r, at:at + n] = ids[:-1]
+            out["targets"][r, at:at + n] = ids[1:]
+            out["loss_weights"][r, at:at + n] = weights[1:]
+            out["positions"][r, at:at + n] = np.arange(n)
+            out["segment_ids"][r, at:at + n] = segment
+            at += n
+    out["examples"] = np.int32(len(examples))
+    return out
 
 
-def _batches(packed, rows: int, process_index: int, process_count: int):
-    """Rows -> fixed [rows, seq_len] batches (last one filled with empty rows) -> this process's rows."""
-    if rows % process_count:
-        raise ValueError(f"rows_per_step={rows} is not divisible by process_count={process_count}")
-    share = rows // process_count
-
-    def finish(row: dict) -> dict:
-        out = dict(tokens=row["tokens"], targets=row["targets"], loss_weights=row["loss_weights"],
-                   positions=row["tokens_positions"], segment_ids=row["tokens_segment_ids"])
-        out = {k: v[process_index * share:(process_index + 1) * share] for k, v in out.items()}
-        if len(out["tokens"]) < share:  # final partial batch
-            out = {k: np.pad(v, ((0, share - len(v)), (0, 0))) for k, v in out.items()}
-        return out
-
-    return packed.batch(rows, drop_remainder=False).map(finish)
+def _step_groups(items: list, seed: int, epochs: int, examples_per_step: int) -> grain.MapDataset:
+    """The shuffled epochs, one after the other, cut into groups of `examples_per_step`."""
+    return (grain.MapDataset.source(items).shuffle(seed=derive_seed(seed, "data/shuffle")).repeat(epochs)
+            .batch(examples_per_step, drop_remainder=False, batch_fn=list))
 
 
-def _epoch_stream(train: list[dict], seed: int, epochs: int) -> grain.MapDataset:
-    return grain.MapDataset.source(train).shuffle(seed=derive_seed(seed, "data/shuffle")).repeat(epochs)
-
-
-def rows_per_step(data_cfg, num_train: int, train_tokens: int, batch_multiple: int = 1) -> int:
-    """config value, or (rows_per_step=-1) the rows that keep LIMA's steps per epoch."""
-    if data_cfg.rows_per_step > 0:
-        rows = data_cfg.rows_per_step
-    else:
-        rows_per_epoch = train_tokens / (data_cfg.seq_len * _EFFICIENCY_GUESS)
-        rows = int(np.ceil(rows_per_epoch / (num_train / data_cfg.examples_per_step)))
-    return int(-(-rows // batch_multiple) * batch_multiple)
-
-
-def make_plan(data: LimaData, data_cfg, epochs: int, batch_multiple: int = 1) -> Plan:
-    """Rows per step and the exact step count, by a dry run of the training packing on lengths."""
+def make_plan(data: LimaData, examples_per_step: int, epochs: int) -> Plan:
+    """Step count and the rows the packing needs, by a dry run of the grouping on lengths."""
     lengths = [len(e["ids"]) - 1 for e in data.train]
-    rows = rows_per_step(data_cfg, len(lengths), sum(lengths), batch_multiple)
-    bins = data_cfg.packing_bins
-    # Same order and packing decisions as train_iterator (packing depends on lengths only).
-    dummy = [dict(ids=np.zeros(n + 1, np.int8), weights=np.zeros(n + 1, np.int8)) for n in lengths]
-    packed = _pack(_epoch_stream(dummy, data.seed, epochs).map(_features), data.seq_len, bins, 0, False)
-    num_rows = sum(1 for _ in packed)
-    steps = -(-num_rows // rows)
-    real = sum(lengths) * epochs
-    return Plan(rows, data.seq_len, epochs, bins, steps, steps / epochs, real, real / (steps * rows * data.seq_len))
+    groups = _step_groups(lengths, data.seed, epochs, examples_per_step)
+    rows_needed = max(len(pack_rows(list(group), data.seq_len)) for group in groups)
+    return Plan(examples_per_step, rows_needed, data.seq_len, epochs, len(groups), sum(lengths) * epochs)
 
 
-def _process(process_index, process_count):
-    return (jax.process_index() if process_index is None else process_index,
-            jax.process_count() if process_count is None else process_count)
-
-
-def train_iterator(data: LimaData, plan: Plan, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
-    """This process's rows of each training batch, `plan.total_steps` batches in all.
+def train_iterator(data: LimaData, plan: Plan) -> grain.DatasetIterator:
+    """The whole batch of every step, `plan.total_steps` in all (the same on every process).
 
     A Grain DatasetIterator: save/restore it with grain.checkpoint.CheckpointSave/Restore
-    (or get_state/set_state) and a resumed run sees exactly the same batches."""
-    pi, pc = _process(process_index, process_count)
-    ds = _epoch_stream(data.train, data.seed, plan.epochs).map(_features)
-    packed = _pack(ds, plan.seq_len, plan.packing_bins, derive_seed(data.seed, "data/pack_bins"), True)
-    return iter(_batches(packed, plan.rows_per_step, pi, pc))
+    (or get_state/set_state) and a resumed run sees exactly the same batches, on any mesh."""
+    groups = _step_groups(data.train, data.seed, plan.epochs, plan.examples_per_step)
+    return iter(groups.map(lambda group: pack_batch(group, plan.rows_per_step, plan.seq_len)).to_iter_dataset(_READ))
 
 
-def dev_batches(data: LimaData, plan: Plan, process_index: int | None = None,
-                process_count: int | None = None) -> list[dict]:
-    """The held-out dev examples packed (no shuffle) into batches shaped like training batches."""
-    if not data.dev:
-        return []
-    pi, pc = _process(process_index, process_count)
-    ds = grain.MapDataset.source(data.dev).map(_features)
-    packed = _pack(ds, plan.seq_len, max(plan.packing_bins, len(data.dev)), 0, False)
-    return list(_batches(packed, plan.rows_per_step, pi, pc))
+def dev_batches(data: LimaData, plan: Plan) -> list[dict]:
+    """The dev examples packed (in file order) into batches shaped like training batches."""
+    packing = pack_rows([len(e["ids"]) - 1 for e in data.dev], plan.seq_len)
+    per_batch = plan.rows_per_step
+    return [pack_batch([data.dev[i] for row in packing[at:at + per_batch] for i in row], per_batch, plan.seq_len)
+            for at in range(0, len(packing), per_batch)]
 
 
 def dev_prompts(data: LimaData, n: int = 4) -> list[list[str]]:
     """The first `n` dev conversations cut to their first user turn, ready for format_prompt."""
-    return data.dev_prompts[:n]
+    return [e["turns"][:1] for e in data.dev[:n]]
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    from lima_jax.sharding import logical_to_spec
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh.axis_names))
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-    """This process's rows -> global jax.Arrays sharded over the mesh's batch axes.
-
-    Assumes processes own contiguous row blocks in process order (true for meshes built by
-    lima_jax.sharding, whose device order follows the process order)."""
+def global_batch(batch: dict, mesh) -> dict:
+    """A whole batch (the same numpy arrays on every process) -> jax.Arrays laid over the mesh;
+    each process hands over only the blocks of its own devices. `examples` is not sent."""
     sharding = batch_sharding(mesh)
-    pc = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * pc,) + v.shape[1:])
-            for k, v in local_batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in batch.items() if k in FEATURES}
+

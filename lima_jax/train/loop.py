@@ -1,138 +1,327 @@
-"""The LIMA SFT run: mesh, data, state (fresh, converted or resumed), the step loop,
-per-epoch checkpoints with dev loss and sampled dev answers, and clean stops.
+"""The LIMA SFT run: validate and plan, build the train program, resume or start, then the
+step loop with per-epoch checkpoints, dev loss and sampled dev answers, and clean stops.
 
 Read top to bottom, `train(config, workdir)` is the whole job; each piece it calls lives in
-its own module (model, data, step, optimizer, checkpoint, metrics).
+its own module (data pipeline, sharding layout, train program, checkpoint, metrics).
 """
 
+import dataclasses
+import datetime
 import json
 import signal
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
-from lima_jax import checkpoint as ckpt
-from lima_jax import config as config_lib
+from lima_jax import checkpoint as ckpt, config as config_lib
 from lima_jax.data import pipeline
 from lima_jax.model import flops_per_token, init_params
-from lima_jax.sharding import make_mesh, num_slices
+from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import (TrainState, abstract_train_state, compile_step, compiler_options, make_eval_step,
-                                 make_train_step)
+from lima_jax.train.program import TrainProgram, batch_layout_for, build_program
+from lima_jax.train.step import TrainState, compile_step
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+class ResumeRefused(ValueError):
+    """A resumed run whose run-defining config differs from its checkpoint's."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything fixed before the first step."""
+    config: object
+    workdir: epath.Path
+    data: pipeline.LimaData
+    plan: pipeline.Plan
+    layout: BatchLayout
+    program: TrainProgram
+    manager: object  # orbax CheckpointManager
+    identity: dict  # config_lib.run_identity, saved in every checkpoint
+    epoch_ends: list[int]  # the step each epoch ends at
+    train_iter: object  # the Grain iterator of the steps' batches (restored in place on resume)
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+
 def train(config, workdir) -> TrainState:
+    run = prepare(config, workdir)
+    state = restore_or_init(run)
+    start = int(state.step)
+    log_run_config(run, start)
+    loop = StepLoop(run, start)
+    try:
+        with jax.set_mesh(run.program.mesh), stop_on_sigterm() as stop:
+            for step in range(start, run.total_steps):
+                if 0 < config.train.max_steps <= step:
+                    break
+                state = loop.step(state, step)
+                done = step + 1
+                if done in run.epoch_ends or (config.train.checkpoint_every_steps
+                                              and done % config.train.checkpoint_every_steps == 0):
+                    save(run, done, state, loop.train_iter)
+                if done in run.epoch_ends:
+                    end_of_epoch(run, done, state, loop.writer)
+                if stop_requested(stop["signal"] is not None, done, config.train.log_every_steps):
+                    log(f"signal {stop['signal'] or 'on another process'}: saving step {done} and exiting")
+                    save(run, done, state, loop.train_iter)
+                    break
+    finally:
+        run.manager.wait_until_finished()
+        run.manager.close()
+        loop.close()
+    return state
+
+
+# ---- before the first step: everything that can fail does so here, before compiling ----
+
+def prepare(config, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not config.data.train_path:
+        raise ValueError("config.data.train_path is empty: give the LIMA train.jsonl (local or gs://)")
     model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    mesh = make_mesh(config.mesh)
-    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        log("effective config:\n" + str(config))
 
-    epochs = config.train.epochs
     data = pipeline.load_data(config.data, config.seed)
-    plan = pipeline.make_plan(data, config.data, epochs,
-                              batch_multiple=mesh.shape["data"] * mesh.shape["fsdp"] * config.train.grad_accum_steps)
-    total_steps = plan.total_steps
-    log(f"{len(data.train)} train / {len(data.dev)} dev examples ({data.stats}); {total_steps} steps over "
-        f"{epochs} epochs, {plan.rows_per_step} rows x {plan.seq_len} tokens a step, "
-        f"{100 * plan.efficiency:.1f}% real tokens")
-    train_iter = pipeline.train_iterator(data, plan)
-    dev_batches = pipeline.dev_batches(data, plan)
-    batch_sharding = pipeline.batch_sharding(mesh)
+    if data.tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} has {data.tokenizer.num_pieces} "
+                         f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
+                         f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
+    identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
+    check_same_data_on_all_processes(identity["data.train"] + identity["data.dev"])
+    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
+    layout = batch_layout_for(config, model_cfg, plan.rows_needed, jax.devices())
+    plan = dataclasses.replace(plan, rows_per_step=layout.rows)
+    mesh = make_mesh(config.mesh, context=layout.context)
+    program = build_program(config, model_cfg, mesh, plan.total_steps)
 
-    schedule = learning_rate_schedule(config.optimizer, total_steps)
-    optimizer = make_optimizer(config.optimizer, total_steps)
-    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh)
-    replicated = state_shardings.step
-
-    # Packing streams across epoch boundaries, so an epoch "ends" at its share of the steps.
-    epoch_ends = [round(total_steps * e / epochs) for e in range(1, epochs + 1)]
+    # Packing streams the epochs back to back, so an epoch "ends" at its share of the steps.
+    epochs = plan.epochs
+    epoch_ends = [round(plan.total_steps * e / epochs) for e in range(1, epochs + 1)]
     keep = [epoch_ends[e - 1] for e in config.train.keep_epochs if 0 < e <= epochs]
     manager = ckpt.manager(workdir / ckpt.CHECKPOINTS_SUBDIR, keep_steps=keep,
                            async_save=config.train.async_checkpointing)
-    state = restore_or_init(config, model_cfg, manager, train_iter, abstract_state, state_shardings, optimizer)
-    start = int(state.step)
+    run = Run(config, workdir, data, plan, layout, program, manager, identity, epoch_ends,
+              pipeline.train_iterator(data, plan))
+    check_resume(run)
+    return run
 
-    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
-                         in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0,
-                         compiler_options=compiler_options())
-    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, batch_sharding))
-    dropout_key = jax.random.key(config.seed + 1)  # the init key is config.seed
 
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    writer = MetricsWriter(workdir, start)
-    flops_per_real_token = flops_per_token(model_cfg, config.data.seq_len)
-    peak = peak_flops_per_device(override=config.train.peak_flops_per_device)
-    progress = progress_bar(start, total_steps)
-    last_time, pending, compiled_step = time.perf_counter(), [], None
+def check_same_data_on_all_processes(digest: str) -> None:
+    """Every process packs the whole batch itself, so all must read the same examples."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    differ = [p for p in range(len(everyone)) if not np.array_equal(everyone[p], everyone[0])]
+    if differ:
+        raise ValueError(f"process(es) {differ} read different data than process 0 (config.data.train_path, "
+                         f"dev_path, tokenizer_path or sources differ, or the files do): give every process the same")
+
+
+def check_resume(run: Run) -> None:
+    """A resume must continue the same run: compare the run-defining values with the latest
+    checkpoint's and refuse, listing the keys, unless they are accepted deliberately."""
+    step = run.manager.latest_step()
+    if step is None:
+        return
     try:
-        with jax.set_mesh(mesh):
-            for step in range(start, total_steps):
-                if 0 < config.train.max_steps <= step:
-                    break
-                batch = pipeline.global_batch(next(train_iter), mesh)
-                profile(config.train.profile_steps, step, workdir)
-                if compiled_step is None:  # every batch has the first one's shapes and shardings
-                    compiled_step = compile_step(train_step, state, batch, dropout_key)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = compiled_step(state, batch, dropout_key)
-                pending.append(metrics)
-                done = step + 1
-                if done % config.train.log_every_steps == 0 or done in epoch_ends or done == total_steps:
-                    rows = jax.device_get(pending)  # the only host round trip: metrics
-                    now = time.perf_counter()
-                    step_time = (now - last_time) / len(rows)
-                    last_time, pending = now, []
-                    for offset, row in enumerate(rows):
-                        if not np.isfinite(row["loss"]):
-                            raise NonFiniteLoss(f"loss is {row['loss']} at step {done - len(rows) + offset + 1}; "
-                                                f"stopping. The last good checkpoint is kept in {manager.directory}")
-                    row = rows[-1]
-                    tokens_per_s = float(row["real_tokens"]) / step_time
-                    report = dict(row, step_time=step_time, tokens_per_s=tokens_per_s)
-                    if peak:
-                        report["mfu"] = flops_per_real_token * tokens_per_s / (peak * jax.device_count())
-                    writer.write(done, report)
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
-                progress.update(1)
-                if done in epoch_ends or (config.train.checkpoint_every_steps
-                                          and done % config.train.checkpoint_every_steps == 0):
-                    save(manager, done, state, train_iter, model_cfg, config)
-                if done in epoch_ends and config.train.eval_every_epoch:
-                    epoch = epoch_ends.index(done) + 1
-                    dev = evaluate(eval_step, state.params, dev_batches, mesh)
-                    writer.write(done, {"epoch": epoch, **dev})
-                    log(f"epoch {epoch}: dev loss {dev['dev_loss']:.4f}, perplexity {dev['dev_perplexity']:.2f}")
-                    sample_dev_answers(config, model_cfg, state.params, data, mesh, workdir, done, epoch)
-                if stop_requested(stop["signal"] is not None, done, config.train.log_every_steps):
-                    log(f"signal {stop['signal'] or 'on another process'}: saving step {done} and exiting")
-                    save(manager, done, state, train_iter, model_cfg, config)
-                    break
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        progress.close()
-        signal.signal(signal.SIGTERM, previous)
-    return state
+        saved = ckpt.read_meta(run.manager.directory / str(step)).run
+    except Exception:  # noqa: BLE001  a damaged step: restore falls back and the next resume compares
+        return
+    if saved is None:
+        log(f"warning: checkpoint {step} records no run identity (written by an older lima_jax): not compared")
+        return
+    accepted = run.config.train.accept_changed
+    changed = [k for k in config_lib.changed_run_keys(saved, run.identity) if not config_lib.is_accepted(k, accepted)]
+    if changed:
+        lines = [f"  {k}: {lookup(saved, k)!r} -> {lookup(run.identity, k)!r}" for k in changed]
+        keys = tuple(sorted({k.split(".")[0] if k.startswith(("model.", "optimizer.")) else k for k in changed}))
+        raise ResumeRefused(
+            f"{run.workdir} holds checkpoint {step} of a different run; changed:\n" + "\n".join(lines) +
+            f"\nUse another --workdir, or accept the change deliberately: --config.train.accept_changed=\"{keys}\"")
+
+
+def lookup(identity: dict, key: str):
+    if key in identity:
+        return identity[key]
+    head, _, rest = key.partition(".")
+    return identity.get(head, {}).get(rest)
+
+
+def restore_or_init(run: Run) -> TrainState:
+    """Resume from the newest good checkpoint in the work dir, else start from
+    `config.init_checkpoint` (converted weights) or from a random init."""
+    program, config = run.program, run.config
+    abstract, shardings = program.abstract_state, program.state_shardings
+    restored = ckpt.restore_train_state(run.manager, abstract.params, abstract.opt_state, shardings.params,
+                                        shardings.opt_state, run.train_iter, warn=lambda m: log(f"warning: {m}"))
+    if restored is not None:
+        step, params, opt_state, _ = restored
+        log(f"resuming from {run.manager.directory}/{step}")
+        return TrainState(jax.device_put(jnp.int32(step), shardings.step), params, opt_state)
+    if config.init_checkpoint:
+        log(f"initial weights from {config.init_checkpoint}")
+        params = ckpt.restore_params(config.init_checkpoint, abstract.params, shardings.params)
+    else:
+        log("initial weights: random (set config.init_checkpoint to fine-tune converted weights)")
+        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(
+            program.model_cfg, jax.random.key(config.seed))
+    opt_state = jax.jit(program.optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
+
+
+def log_run_config(run: Run, start: int) -> None:
+    """The plan, printed before compiling, and the config appended to WORKDIR/config.json."""
+    plan, layout, data, mesh = run.plan, run.layout, run.data, run.program.mesh
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+    log(f"data: {len(data.train)} train examples ({', '.join(f'{k} {v}' for k, v in sorted(data.sources().items()))});"
+        f" dev: {data.dev_source} ({len(data.dev)}); {data.stats}")
+    log(f"plan: {plan.total_steps} steps over {plan.epochs} epochs, {plan.examples_per_step} examples a step "
+        f"(the last step {len(data.train) * plan.epochs - (plan.total_steps - 1) * plan.examples_per_step}), "
+        f"{100 * plan.efficiency:.1f}% real tokens")
+    log(f"batch: {layout.describe(plan.seq_len)}")
+    if jax.process_index() == 0:
+        path = run.workdir / "config.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        history = history if isinstance(history, list) else [{"config": history}]  # a single config before
+        history.append({"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                        "start_step": start, "config": json.loads(run.config.to_json_best_effort())})
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(history, indent=2))
+        log("effective config:\n" + str(run.config))
+
+
+# ---- the steps ----
+
+class StepLoop:
+    """One optimizer step at a time, with the metrics logged every `log_every_steps`."""
+
+    def __init__(self, run: Run, start: int):
+        self.run, self.train_iter = run, run.train_iter
+        self.writer = MetricsWriter(run.workdir, start)
+        self.flops_per_real_token = flops_per_token(run.program.model_cfg, run.plan.seq_len)
+        self.peak = peak_flops_per_device(override=run.config.train.peak_flops_per_device)
+        self.progress = progress_bar(start, run.total_steps)
+        self.dropout_key = jax.random.key(run.config.seed + 1)  # the init key is config.seed
+        self.compiled = None
+        self.pending: list[tuple[dict, int]] = []  # (device metrics, examples) not yet logged
+        self.last_time = time.perf_counter()
+
+    def step(self, state: TrainState, step: int) -> TrainState:
+        batch = next(self.train_iter)
+        examples = int(batch["examples"])
+        batch = pipeline.global_batch(batch, self.run.program.mesh)
+        profile(self.run.config.train.profile_steps, step, self.run.workdir)
+        if self.compiled is None:  # every batch has the first one's shapes and shardings
+            self.compiled = compile_step(self.run.program.train_step, state, batch, self.dropout_key)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = self.compiled(state, batch, self.dropout_key)
+        self.pending.append((metrics, examples))
+        done = step + 1
+        if (done % self.run.config.train.log_every_steps == 0 or done in self.run.epoch_ends
+                or done == self.run.total_steps):
+            self.log_pending(done)
+        self.progress.update(1)
+        return state
+
+    def log_pending(self, done: int) -> None:
+        rows = jax.device_get([m for m, _ in self.pending])  # the only host round trip: metrics
+        now = time.perf_counter()
+        step_time = (now - self.last_time) / len(rows)
+        for offset, (row, (_, examples)) in enumerate(zip(rows, self.pending)):
+            step = done - len(rows) + offset + 1
+            if not np.isfinite(row["loss"]):
+                self.run.manager.wait_until_finished()
+                last = self.run.manager.latest_step()
+                resumable = f"rerunning resumes from checkpoint {last}" if last is not None else \
+                    "no checkpoint was saved yet, so a rerun starts over"
+                raise NonFiniteLoss(f"loss is {row['loss']} at step {step}; stopping ({resumable} in "
+                                    f"{self.run.manager.directory})")
+            report = dict(row, examples=examples, step_time=step_time,
+                          tokens_per_s=float(row["real_tokens"]) / step_time)
+            if self.peak:
+                report["mfu"] = self.flops_per_real_token * report["tokens_per_s"] / (self.peak * jax.device_count())
+            self.writer.write(step, report)
+        self.last_time, self.pending = now, []
+        self.progress.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['learning_rate']:.2e}")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.progress.close()
+
+
+def save(run: Run, step: int, state: TrainState, train_iter) -> None:
+    meta = ckpt.CheckpointMeta(
+        model=dict(run.program.model_cfg.__dict__), step=step, eot_id=run.data.tokenizer.eot_id,
+        tokenizer=run.data.tokenizer.sp.serialized_model_proto(), config=json.loads(run.config.to_json_best_effort()),
+        run=run.identity, source={"from": "train"})
+    ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta)
+
+
+def end_of_epoch(run: Run, step: int, state: TrainState, writer: MetricsWriter) -> None:
+    """Dev loss and perplexity, and a few sampled dev answers, when there is a dev set."""
+    if not run.data.dev or not run.config.train.eval_every_epoch:
+        return
+    epoch = run.epoch_ends.index(step) + 1
+    total = count = 0.0
+    for batch in pipeline.dev_batches(run.data, run.plan):
+        t, c = run.program.eval_step(state.params, pipeline.global_batch(batch, run.program.mesh))
+        total, count = total + float(t), count + float(c)
+    loss = total / max(count, 1.0)
+    writer.write(step, {"epoch": epoch, "dev_loss": loss, "dev_perplexity": float(np.exp(loss))})
+    log(f"epoch {epoch}: dev loss {loss:.4f}, perplexity {np.exp(loss):.2f}")
+    sample_dev_answers(run, state.params, step, epoch)
+
+
+def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:
+    """Answers to the first few dev prompts with LIMA's decoding, written next to the epoch's
+    checkpoint so a person can read epochs 5-10 side by side."""
+    config, data = run.config, run.data
+    n = config.train.sample_dev_prompts
+    if n <= 0:
+        return
+    from lima_jax.sampling.sampler import Sampler  # sampling is optional for training
+    from lima_jax.sampling.transforms import SamplingSettings
+
+    sampler = Sampler(run.program.model_cfg, params, data.tokenizer, run.program.mesh)
+    prompts = pipeline.dev_prompts(data, n)
+    outs = sampler.generate_ids([sampler.prompt_ids(p) for p in prompts],
+                                SamplingSettings(max_new_tokens=config.train.sample_max_new_tokens), seed=config.seed)
+    rows = [dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
+                 answer_tokens=len(o["ids"]), stopped=o["stopped"]) for p, o in zip(prompts, outs)]
+    if jax.process_index() == 0:
+        out = run.workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for row in rows:
+        log(f"epoch {epoch} sample | {row['prompt'][:80]!r} -> {row['answer'][:160]!r}")
+
+
+# ---- stopping ----
+
+class stop_on_sigterm:
+    """Records SIGTERM (preemption) instead of dying, so the loop saves and exits cleanly."""
+
+    def __enter__(self) -> dict:
+        self.flag: dict = {"signal": None}
+        self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.update(signal=signum))
+        return self.flag
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def stop_requested(local: bool, step: int, every: int) -> bool:
@@ -146,75 +335,6 @@ def stop_requested(local: bool, step: int, every: int) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.process_allgather(np.int32(local)).max())
-
-
-def restore_or_init(config, model_cfg, manager, train_iter, abstract_state, shardings, optimizer) -> TrainState:
-    """Resume from the work dir's latest complete checkpoint, else start from
-    `config.init_checkpoint` (converted weights) or from a random init."""
-    step = manager.latest_step()
-    if step is not None:
-        log(f"resuming from {manager.directory}/{step}")
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            ckpt.PARAMS: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.params, shardings.params)),
-            ckpt.OPT_STATE: ocp.args.StandardRestore(ckpt.target_tree(abstract_state.opt_state, shardings.opt_state)),
-            ckpt.DATA_ITER: grain.checkpoint.CheckpointRestore(train_iter),  # restores in place
-        }))
-        return TrainState(jax.device_put(jnp.int32(step), shardings.step), restored[ckpt.PARAMS],
-                          restored[ckpt.OPT_STATE])
-    if config.init_checkpoint:
-        log(f"initial weights from {config.init_checkpoint}")
-        params = ckpt.restore_params(config.init_checkpoint, abstract_state.params, shardings.params)
-    else:
-        log("initial weights: random (set config.init_checkpoint to fine-tune converted weights)")
-        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(
-            model_cfg, jax.random.key(config.seed))
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
-
-
-def save(manager, step, state, train_iter, model_cfg, config):
-    if manager.latest_step() == step:
-        return
-    meta = ckpt.CheckpointMeta(model=dict(model_cfg.__dict__), step=step, eot_id=model_cfg.vocab_size - 1,
-                               config=json.loads(config.to_json_best_effort()), source={"from": "train"})
-    manager.save(step, args=ocp.args.Composite(**{
-        ckpt.PARAMS: ocp.args.StandardSave(state.params),
-        ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-        ckpt.DATA_ITER: grain.checkpoint.CheckpointSave(train_iter),
-        ckpt.META: ocp.args.JsonSave(meta.to_json()),
-    }))
-
-
-def evaluate(eval_step, params, dev_batches, mesh) -> dict:
-    total = count = 0.0
-    for batch in dev_batches:
-        t, c = eval_step(params, pipeline.global_batch(batch, mesh))
-        total, count = total + float(t), count + float(c)
-    loss = total / max(count, 1.0)
-    return {"dev_loss": loss, "dev_perplexity": float(np.exp(loss))}
-
-
-def sample_dev_answers(config, model_cfg, params, data, mesh, workdir, step, epoch):
-    """Answers to the first few dev prompts with LIMA's decoding, written next to the epoch's
-    checkpoint so a person can read epochs 5-10 side by side."""
-    n = config.train.sample_dev_prompts
-    if n <= 0:
-        return
-    from lima_jax.sampling.sampler import Sampler  # sampling is optional for training
-    from lima_jax.sampling.transforms import SamplingSettings
-
-    sampler = Sampler(model_cfg, params, data.tokenizer, mesh)
-    prompts = pipeline.dev_prompts(data, n)
-    outs = sampler.generate_ids([sampler.prompt_ids(p) for p in prompts],
-                                SamplingSettings(max_new_tokens=config.train.sample_max_new_tokens), seed=config.seed)
-    rows = [dict(epoch=epoch, step=step, prompt=p[-1], answer=data.tokenizer.decode(o["ids"]),
-                 answer_tokens=len(o["ids"]), stopped=o["stopped"]) for p, o in zip(prompts, outs)]
-    if jax.process_index() == 0:
-        out = workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    for row in rows:
-        log(f"epoch {epoch} sample | {row['prompt'][:80]!r} -> {row['answer'][:160]!r}")
 
 
 def profile(profile_steps, step, workdir):

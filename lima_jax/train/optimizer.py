@@ -25,8 +25,8 @@ def decay_mask(params):
         lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(opt_cfg, total_steps)
+def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW on `schedule` (see learning_rate_schedule), after global-norm clipping if set."""
     parts = []
     if opt_cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
