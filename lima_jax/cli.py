@@ -12,6 +12,7 @@ works before the modules that define them are loaded.
 
 import dataclasses
 import errno
+import logging
 import os
 import re
 import shutil
@@ -57,6 +58,9 @@ def run(main: Callable[[list[str]], object]) -> None:
 
 def guarded(main: Callable[[list[str]], object], argv: list[str]) -> object:
     """`main(argv)`; an expected failure prints its message and exits with EXIT_EXPECTED."""
+    if not traceback_requested():
+        for handler in logging.getLogger().handlers:  # absl's, once app.run has started
+            handler.addFilter(_drop_expected_tracebacks)
     try:
         return main(argv)
     except Exception as e:  # classified below; anything unrecognised is re-raised
@@ -64,8 +68,15 @@ def guarded(main: Callable[[list[str]], object], argv: list[str]) -> object:
         if failure is None or traceback_requested():
             raise
         sys.stdout.flush()  # progress printed before the failure comes first
-        print(failure.message(), file=sys.stderr)
+        print("\n" + failure.message(), file=sys.stderr)  # own line, even after a progress bar
         sys.exit(EXIT_EXPECTED)
+
+
+def _drop_expected_tracebacks(record: logging.LogRecord) -> bool:
+    """Background threads (Orbax's saves) log the failure the main thread then raises, each with
+    its traceback: those records are dropped, the final message says it once."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or describe(exc) is None
 
 
 def traceback_requested() -> bool:
@@ -110,8 +121,8 @@ def _by_type(e: BaseException) -> Failure | None:
     if isinstance(e, FileNotFoundError):
         return Failure("missing file", _with_filename(e, detail), "check the path")
     if isinstance(e, FileExistsError):
-        return Failure("output exists", _with_filename(e, detail),
-                       "choose another output, or pass --overwrite (sample.py: --resume) if the script offers it")
+        todo = "" if "--" in detail else "choose another output, or pass --overwrite to replace it"
+        return Failure("output exists", _with_filename(e, detail), todo)
     if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError)):
         return Failure("cannot use path", _with_filename(e, detail), "choose a location this user can write to")
     if isinstance(e, ValueError) and _raised_by_lima_jax(e):
