@@ -1,4 +1,4 @@
-"""The LLaMA model: config, layers, the scanned decoder and its functional view."""
+"""The LLaMA model: config, layers, KV-cache writes, the scanned decoder and its functional view."""
 
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.counting import flops_per_token, param_count
