@@ -1,12 +1,17 @@
 """Answer prompts with a checkpoint: LIMA's decoding by default (p=0.9, t=0.7, penalty 1.2).
 
   python launch/sample.py --checkpoint WORKDIR_OR_CKPT --prompt "How do I ...?"
-  python launch/sample.py --checkpoint CKPT --prompts test.jsonl --output answers.jsonl
+  python launch/sample.py --checkpoint CKPT --prompts test.jsonl --output answers.jsonl [--resume | --overwrite]
   python launch/sample.py --checkpoint CKPT --format raw --greedy --prompt "The capital of France is"
 
 `--config FILE` is optional: the config saved in the checkpoint is used otherwise (overrides
 such as `--config.mesh.tensor=2` need `--config`). `--checkpoint` takes one step folder, a
 checkpoint root (its latest step) or a training work dir.
+
+With `--prompts`, the output location is checked before the model loads, and each finished
+batch is appended to `--output` at once. An existing output is refused unless `--overwrite`
+(start over) or `--resume` (answer only the prompts after those it holds: an interrupted run
+continues where it stopped, and the file ends as an uninterrupted run's would).
 """
 
 import sys
@@ -14,12 +19,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lima_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "config file (optional: read from the checkpoint)")
 flags.DEFINE_string("checkpoint", None, "checkpoint step, checkpoint root or training work dir", required=True)
 flags.DEFINE_string("prompt", None, "one user message (answered with streaming output)")
 flags.DEFINE_multi_string("turn", [], "earlier turns of a multi-turn conversation, in order, before --prompt")
 flags.DEFINE_string("prompts", None, "LIMA-format jsonl file to answer")
 flags.DEFINE_string("output", None, "answers jsonl (with --prompts)")
+flags.DEFINE_bool("overwrite", False, "replace an existing --output")
+flags.DEFINE_bool("resume", False, "continue an existing --output after the prompts it already answers")
 flags.DEFINE_enum("format", "lima", ["lima", "raw"], "lima: BOS + turns + EOT as in training; raw: BOS + text")
 flags.DEFINE_bool("greedy", False, "argmax decoding (the repetition penalty still applies)")
 flags.DEFINE_integer("max_new_tokens", 2048, "answer length limit")
@@ -39,20 +48,24 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
     from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.answers import check_output
     from lima_jax.sampling.sampler import answer_file, load_sampler
 
     if (FLAGS.prompt is None) == (FLAGS.prompts is None):
         raise app.UsageError("give exactly one of --prompt or --prompts")
     if FLAGS.prompts and not FLAGS.output:
         raise app.UsageError("--prompts needs --output")
+    if FLAGS.prompts:
+        check_output(FLAGS.output, FLAGS.overwrite, FLAGS.resume)  # before the model loads, not after generating
     settings = SamplingSettings(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                                 repetition_penalty=FLAGS.repetition_penalty, penalize_prompt=FLAGS.penalize_prompt,
                                 greedy=FLAGS.greedy, max_new_tokens=FLAGS.max_new_tokens)
     sampler, _ = load_sampler(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer)
     if FLAGS.prompts:
         summary = answer_file(sampler, FLAGS.prompts, FLAGS.output, settings, FLAGS.batch_size, FLAGS.seed,
-                              FLAGS.format)
-        print(f"{summary['prompts']} answers -> {FLAGS.output} ({summary['answer_tokens']} tokens, "
+                              FLAGS.format, overwrite=FLAGS.overwrite, resume=FLAGS.resume)
+        print(f"{summary['prompts']} answers -> {FLAGS.output} ({summary['resumed']} resumed, "
+              f"{summary['answer_tokens']} new tokens, "
               f"{summary['tokens_per_second']:.1f} tokens/s)")
         return
     stream = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if FLAGS.stream else None
@@ -64,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,7 +1,11 @@
 """The host side of sampling: checkpoint -> Sampler (config from meta), LIMA prompt format,
-answering a jsonl file in batches (answers do not depend on the batch), streaming."""
+answering a jsonl file in batches (answers do not depend on the batch), streaming; the answers
+file written batch by batch, refused when it exists, resumed after a kill."""
 
 import json
+import subprocess
+import sys
+import time
 
 import jax
 import pytest
@@ -10,7 +14,9 @@ from lima_jax import checkpoint
 from lima_jax.config import base_config, model_config
 from lima_jax.model import init_params
 from lima_jax.sampling import SamplingSettings
+from lima_jax.sampling.answers import check_output
 from lima_jax.sampling.sampler import answer_file, load_sampler
+from tests.conftest import ROOT
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -31,7 +37,7 @@ def ckpt(tmp_path_factory, shared_dir):
 
 
 def test_answer_file_in_batches_equals_one_by_one(ckpt, tmp_path):
-    path, c = ckpt
+    path, _ = ckpt
     sampler, config = load_sampler(str(path / "with_config"))  # config and tokenizer from the checkpoint
     assert dict(config.mesh)["tensor"] == 2 and sampler.mesh.shape["tensor"] == 2
     tok = sampler.tokenizer
@@ -62,8 +68,8 @@ def test_answer_file_in_batches_equals_one_by_one(ckpt, tmp_path):
 
 def test_config_from_model_meta_and_streaming(ckpt, shared_dir):
     path, _ = ckpt
-    sampler, config = load_sampler(str(path / "model_only"), tokenizer_path=str(shared_dir / "llama" / "tokenizer.model"),
-                                   mesh_overrides=dict(fsdp=-1))
+    sampler, _ = load_sampler(str(path / "model_only"), tokenizer_path=str(shared_dir / "llama" / "tokenizer.model"),
+                                   mesh_overrides={"fsdp": -1})
     assert sampler.cfg.dim == 32 and sampler.cfg.remat_policy == "none"
     pieces = []
     settings = SamplingSettings(max_new_tokens=8, greedy=True)
@@ -71,3 +77,103 @@ def test_config_from_model_meta_and_streaming(ckpt, shared_dir):
     assert "".join(pieces) == out["answer"] and out["answer_tokens"] == 8
     [ids] = sampler.generate_ids([sampler.prompt_ids("Tell me a joke.")], settings)
     assert sampler.tokenizer.decode(ids["ids"]) == out["answer"]
+
+
+# --- the answers file: written batch by batch, refused when it exists, resumed after a kill ---
+
+PROMPTS = [["What is a cat?"], ["Hi", "Hello! How can I help?", "Tell me a story about a dog."], ["Why?"],
+           ["Give me three reasons to learn JAX, and explain each one briefly."], ["Ok"], ["Name a colour."],
+           ["What is 2 + 2?"]]
+GREEDY = SamplingSettings(max_new_tokens=12, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(ckpt, tmp_path_factory):
+    """(sampler, prompts file, the bytes of an uninterrupted greedy answers file)."""
+    path, _ = ckpt
+    sampler, _ = load_sampler(str(path / "with_config"))
+    folder = tmp_path_factory.mktemp("answers")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"conversations": t}) + "\n" for t in PROMPTS))
+    answer_file(sampler, str(prompts), str(folder / "full.jsonl"), GREEDY, batch_size=3, progress=False)
+    return sampler, prompts, (folder / "full.jsonl").read_bytes()
+
+
+def test_resume_drops_a_torn_line_and_ends_as_an_uninterrupted_run(greedy_run, tmp_path):
+    sampler, prompts, full = greedy_run
+    lines = full.decode().splitlines(keepends=True)
+    assert len(lines) == len(PROMPTS) and [json.loads(x)["line"] for x in lines] == list(range(1, len(PROMPTS) + 1))
+    out = tmp_path / "answers.jsonl"
+    out.write_bytes("".join(lines[:2]).encode() + lines[2].encode()[:25])  # killed while writing the third line
+    summary = answer_file(sampler, str(prompts), str(out), GREEDY, batch_size=2, progress=False, resume=True)
+    assert summary["resumed"] == 2
+    assert out.read_bytes() == full  # every prompt once, in order, the same answers
+
+
+def test_killed_run_resumes_to_the_same_file(greedy_run, ckpt, tmp_path):
+    """sample.py killed (SIGKILL) once its first batch is on disk; --resume finishes the file."""
+    _, prompts, full = greedy_run
+    path, _ = ckpt
+    out = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(path / "with_config"),
+           "--prompts", str(prompts), "--output", str(out), "--greedy", "--repetition_penalty", "1.2",
+           "--max_new_tokens", str(GREEDY.max_new_tokens), "--batch_size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n")):
+        time.sleep(0.01)
+    proc.kill()
+    _, err = proc.communicate()
+    kept = out.read_bytes().count(b"\n")
+    assert 1 <= kept < len(PROMPTS), err[-2000:]  # killed after its first batch reached the disk, before the end
+    assert full.startswith(out.read_bytes()[:out.read_bytes().rfind(b"\n") + 1])
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and "--resume" in done.stderr  # an existing output is never silently replaced
+    done = subprocess.run(cmd + ["--resume"], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"({kept} resumed" in done.stdout
+    assert out.read_bytes() == full
+
+
+def test_existing_output_is_refused_unless_overwrite(greedy_run, tmp_path):
+    sampler, prompts, full = greedy_run
+    out = tmp_path / "answers.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        answer_file(sampler, str(prompts), str(out), GREEDY, progress=False)
+    assert out.read_text() == "precious\n"
+    answer_file(sampler, str(prompts), str(out), GREEDY, batch_size=4, progress=False, overwrite=True)
+    assert out.read_bytes() == full
+
+
+def test_resume_refuses_answers_of_other_prompts_or_settings(greedy_run, tmp_path):
+    sampler, prompts, full = greedy_run
+    first = json.loads(full.decode().splitlines()[0])
+    out = tmp_path / "answers.jsonl"
+    out.write_text(json.dumps(dict(first, conversations=["Something else"])) + "\n")
+    with pytest.raises(ValueError, match="answers another prompt"):
+        answer_file(sampler, str(prompts), str(out), GREEDY, progress=False, resume=True)
+    out.write_text(json.dumps(first) + "\n")
+    with pytest.raises(ValueError, match="other settings"):
+        answer_file(sampler, str(prompts), str(out), SamplingSettings(max_new_tokens=5, greedy=True), progress=False,
+                    resume=True)
+    assert out.read_text() == json.dumps(first) + "\n"  # a refused resume leaves the file as it was
+
+
+def test_output_location_checked_before_the_model_loads(tmp_path):
+    """A file where the output's folder should be: sample.py fails at once, naming it, before it
+    even looks at the checkpoint (which does not exist here)."""
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "taken" / "sub" / "answers.jsonl"
+    with pytest.raises(OSError):
+        check_output(str(out))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"conversations": ["Hi"]}) + "\n")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint",
+                           str(tmp_path / "no_checkpoint"), "--prompts", str(prompts), "--output", str(out)],
+                          check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and "taken" in done.stderr and "no_checkpoint" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    fresh = tmp_path / "new" / "folder" / "answers.jsonl"
+    assert check_output(str(fresh)) and fresh.parent.is_dir() and not fresh.exists()
+    assert list(fresh.parent.iterdir()) == []  # the write test leaves nothing behind

@@ -155,42 +155,44 @@ class _TextStream:
 
 
 def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings: SamplingSettings = SamplingSettings(),
-                batch_size: int = 8, seed: int = 0, fmt: str = "lima", progress: bool = True) -> dict:
+                batch_size: int = 8, seed: int = 0, fmt: str = "lima", progress: bool = True,
+                overwrite: bool = False, resume: bool = False) -> dict:
     """Answer every line of a LIMA-format jsonl file (`{"conversations": [user, ...]}`, ending
-    with a user turn), `batch_size` prompts at a time (shortest first, so rows in a batch pad
-    little); write one JSON line per prompt, in file order, with the prompt, the answer, token
-    counts and the settings. Returns a summary (counts, tokens/s)."""
+    with a user turn), `batch_size` prompts at a time in file order; append one JSON line per
+    prompt (the prompt, the answer, token counts, the settings) as each batch finishes. An
+    existing output is refused unless `overwrite`, or `resume`d after the prompts it already
+    answers (same prompts, same settings: answers do not depend on the batch, so the file ends
+    as an uninterrupted run's). Returns a summary (counts, tokens/s)."""
     from tqdm import tqdm
 
     from lima_jax.data.format import read_conversations
+    from lima_jax.sampling.answers import AnswersFile, check_resumed
 
-    records = read_conversations(prompts_path)
+    answers = AnswersFile(output_path, overwrite, resume)
+    records = [(c.line, c.turns) for c in read_conversations(prompts_path)]
+    meta = json.loads(json.dumps(dict(settings.as_dict(), seed=seed, format=fmt, stop_ids=list(sampler.stop_ids))))
+    check_resumed(answers.done, records, meta, output_path, prompts_path)
     prompts = [sampler.prompt_ids(turns, fmt) for _, turns in records]
-    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
-    results: dict[int, dict] = {}
+    first = len(answers.done)
     started, new_tokens = time.time(), 0
-    with tqdm(total=len(records), disable=not progress, unit="prompt", desc="answering") as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            outs = sampler.generate_ids([prompts[i] for i in chunk], settings, seed, row_ids=chunk)
-            for i, out in zip(chunk, outs):
-                results[i] = out
-                new_tokens += len(out["ids"])
+    with tqdm(total=len(records), initial=first, disable=not progress, unit="prompt", desc="answering") as bar:
+        for start in range(first, len(records), batch_size):
+            chunk = range(start, min(start + batch_size, len(records)))
+            outs = sampler.generate_ids([prompts[i] for i in chunk], settings, seed, row_ids=list(chunk))
+            answers.append([_answer_row(sampler, records[i], prompts[i], out, meta) for i, out in zip(chunk, outs)])
+            new_tokens += sum(len(out["ids"]) for out in outs)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.time() - started):.1f}")
-    meta = dict(settings.as_dict(), seed=seed, format=fmt, stop_ids=list(sampler.stop_ids))
-    from etils import epath
-    lines = []
-    for i, (line_no, turns) in enumerate(records):
-        out = results[i]
-        lines.append(json.dumps(dict(
-            line=line_no, conversations=list(turns), prompt=turns[-1], answer=sampler.tokenizer.decode(out["ids"]),
-            prompt_tokens=len(prompts[i]), answer_tokens=len(out["ids"]), stopped=out["stopped"], settings=meta),
-            ensure_ascii=False))
-    epath.Path(output_path).write_text("\n".join(lines) + "\n")
     seconds = time.time() - started
-    return dict(prompts=len(records), answer_tokens=new_tokens, seconds=seconds,
-                tokens_per_second=new_tokens / max(seconds, 1e-9))
+    return {"prompts": len(records), "resumed": first, "answer_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_second": new_tokens / max(seconds, 1e-9)}
+
+
+def _answer_row(sampler: Sampler, record: tuple[int, list[str]], prompt: list[int], out: dict, meta: dict) -> dict:
+    line, turns = record
+    return {"line": line, "conversations": list(turns), "prompt": turns[-1],
+            "answer": sampler.tokenizer.decode(out["ids"]), "prompt_tokens": len(prompt),
+            "answer_tokens": len(out["ids"]), "stopped": out["stopped"], "settings": meta}
 
 
 def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None = None, mesh_overrides: dict | None = None
