@@ -124,7 +124,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
     proto = _tokenizer_proto(tokenizer, meta, checkpoint_path)
-    tok_files = {} if proto is None else hf_tokenizer_files(proto, meta.eot_id, cfg.max_seq_len)
+    tok_files = {} if proto is None else hf_tokenizer_files(proto, meta.eot_id, cfg.vocab_size, cfg.max_seq_len)
     bound_heap()
     reader = checkpoint.ParamsReader(checkpoint_path)
     abstract = abstract_params(cfg)

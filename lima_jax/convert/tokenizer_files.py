@@ -39,8 +39,8 @@ ALTERNATE = "roles must alternate user, assistant, user, ... starting with user"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ raise_exception('" + SYSTEM_REFUSED + "') }}{% endif %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('" + ALTERNATE + "') }}"
+    "{% if message['role'] == 'system' %}{{ raise_exception(\"" + SYSTEM_REFUSED + "\") }}{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception(\"" + ALTERNATE + "\") }}"
     "{% endif %}"
     "{{ message['content'] }}" + EOT_TOKEN +
     "{% endfor %}"
@@ -85,13 +85,17 @@ def normalizes(proto: bytes) -> str | None:
     return ", ".join(changes) or None
 
 
-def hf_tokenizer_files(proto: bytes, eot_id: int | None, max_len: int) -> dict[str, bytes]:
+def hf_tokenizer_files(proto: bytes, eot_id: int | None, vocab_size: int, max_len: int) -> dict[str, bytes]:
     """{file name: contents} for an export. With `eot_id` (a LIMA model): EOT as special token
     and the chat template; without (a base model): the plain LLaMA tokenizer."""
     sp = processor(proto, "the checkpoint's tokenizer")
-    if eot_id is not None and eot_id != sp.get_piece_size():
-        raise ConversionError(f"the checkpoint's EOT id is {eot_id} but its tokenizer has {sp.get_piece_size()} "
-                              "pieces (EOT must be the id after the last piece)")
+    pieces = sp.get_piece_size()
+    if eot_id is not None and eot_id != pieces:
+        raise ConversionError(f"the checkpoint's EOT id is {eot_id} but its tokenizer has {pieces} pieces (EOT must "
+                              "be the id after the last piece): not this checkpoint's tokenizer")
+    if eot_id is None and pieces != vocab_size:
+        raise ConversionError(f"the checkpoint is a {vocab_size}-token base model but its tokenizer has {pieces} "
+                              "pieces: not this checkpoint's tokenizer")
     if sp.piece_to_id(EOT_TOKEN) != sp.unk_id():
         raise ConversionError(f"the tokenizer already has a piece {EOT_TOKEN!r}; it cannot name LIMA's EOT")
     issue = normalizes(proto)
