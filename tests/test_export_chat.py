@@ -168,3 +168,15 @@ def test_export_refuses_a_tokenizer_that_is_not_the_checkpoints(exported, tmp_pa
     with pytest.raises(ConversionError, match="EOT id is 400 but its tokenizer has 350 pieces"):
         export_hf(path / "ckpt", tmp_path / "hf", tokenizer=tmp_path / "other.model")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp-export").exists()
+
+
+def test_checkpoint_without_recorded_eot_id_exports_as_a_chat_model(tmp_path):
+    """Written before eot_id was recorded: one row more than the tokenizer's pieces means EOT."""
+    proto = train_tokenizer(PIECES, byte_fallback=True)
+    params = jax.device_get(init_params(CFG, jax.random.key(2)))
+    checkpoint.save_params(tmp_path / "ckpt", params, checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG),
+                                                                                tokenizer=proto))
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [2, PIECES]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.chat_template is not None and hf_tok.convert_tokens_to_ids(EOT_TOKEN) == PIECES

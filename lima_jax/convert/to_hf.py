@@ -25,7 +25,7 @@ from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
 from lima_jax.convert.safety import check_output_location, refuse_existing
-from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files
+from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files, processor
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
 
@@ -124,7 +124,8 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
     proto = _tokenizer_proto(tokenizer, meta, checkpoint_path)
-    tok_files = {} if proto is None else hf_tokenizer_files(proto, meta.eot_id, cfg.vocab_size, cfg.max_seq_len)
+    eot_id = _eot_id(meta, cfg, proto)
+    tok_files = {} if proto is None else hf_tokenizer_files(proto, eot_id, cfg.vocab_size, cfg.max_seq_len)
     bound_heap()
     reader = checkpoint.ParamsReader(checkpoint_path)
     abstract = abstract_params(cfg)
@@ -154,8 +155,8 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         (tmp / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(write_hf_config(cfg, dtype, meta.eot_id), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(meta.eot_id), indent=2))
+        (tmp / "config.json").write_text(json.dumps(write_hf_config(cfg, dtype, eot_id), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot_id), indent=2))
         for name, contents in tok_files.items():
             (tmp / name).write_bytes(contents)
     except BaseException:
@@ -177,13 +178,22 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
+def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, proto: bytes | None) -> int | None:
+    """The checkpoint's EOT id; for one that records none but has one row more than its
+    tokenizer's pieces (written before eot_id was recorded), EOT = the piece count, as in training."""
+    if meta.eot_id is not None or proto is None:
+        return meta.eot_id
+    pieces = processor(proto, "the checkpoint's tokenizer").get_piece_size()
+    return pieces if cfg.vocab_size == pieces + 1 else None
+
+
 def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
     """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
     one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-    from etils import epath
+    from lima_jax import storage
 
     if tokenizer is not None:
-        path = epath.Path(tokenizer)
+        path = storage.path(tokenizer)
         path = path / TOKENIZER_MODEL if path.is_dir() else path
         if not path.is_file():
             raise ConversionError(f"--tokenizer={tokenizer}: no SentencePiece model there")
@@ -192,7 +202,7 @@ def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path
         return meta.tokenizer
     saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
     if saved:
-        return epath.Path(saved).read_bytes()
+        return storage.path(saved).read_bytes()
     log.warning("%s stores no tokenizer and no --tokenizer was given: the export has no tokenizer files",
                 checkpoint_path)
     return None

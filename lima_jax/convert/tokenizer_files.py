@@ -60,9 +60,9 @@ def processor(proto: bytes, where: str) -> spm.SentencePieceProcessor:
 def read_tokenizer(path, *, vocab_size: int, where_vocab: str) -> bytes:
     """The proto at `path` (local or gs://), checked to have exactly `vocab_size` pieces: the
     rows of the source model the tokenizer must index (an EOT row, if added, is counted after)."""
-    from etils import epath
+    from lima_jax import storage
 
-    path = epath.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise ConversionError(f"--tokenizer={path}: no such file")
     proto = path.read_bytes()
