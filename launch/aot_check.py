@@ -46,8 +46,9 @@ def main(argv):
         reports.append(report)
         fits = fits and report["fits"]
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(reports, f, indent=2)
+        from lima_jax import storage
+
+        storage.path(FLAGS.json).write_text(json.dumps(reports, indent=2))
     return 0 if fits else 1
 
 

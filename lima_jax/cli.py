@@ -29,6 +29,7 @@ OUTPUT_FLAGS = ("workdir", "output", "json")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _OWN_DIRS = tuple(os.path.join(os.path.dirname(_PACKAGE_DIR), d) + os.sep for d in ("lima_jax", "launch", "configs"))
+_FILE_LINE = re.compile(r"\S:\d+: ")  # "train.jsonl:12: ..." names one line
 _GS_BUCKET = re.compile(r"gs://([a-z0-9][-a-z0-9_.]*)")
 _QUOTED_PATH = re.compile(r"""["'](gs://[^"']+|/[^"']+)["']""")
 
@@ -111,7 +112,7 @@ def _names(exc: BaseException) -> set[str]:
 def _by_type(e: BaseException) -> Failure | None:
     names, detail = _names(e), _clip(str(e))
     if "DataError" in names:
-        return Failure("bad data", detail, "fix that line of the data file")
+        return Failure("bad data", detail, "fix that line of the data file" if _FILE_LINE.search(detail) else "")
     if "ConversionError" in names:
         return Failure("conversion refused", detail)
     if "ResumeRefused" in names:
