@@ -4,48 +4,16 @@ give the losses of 1 process x 8 devices. References are independent runs, never
 own numbers."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.tiny_run import finish, launch, losses, metric_rows, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def env(devices=8):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return e
-
-
-def launch(workdir, cache, *overrides, devices=8, extra=()):
-    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-           "--workdir", str(workdir), "--config.train.sample_dev_prompts=0",
-           f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
-           *overrides, *extra]
-    return subprocess.Popen(cmd, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
-
-
-def finish(proc, timeout=400):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def losses(workdir):
-    """step -> train loss; a resumed run drops an interrupted run's rows after its checkpoint,
-    so every step has one row."""
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    assert len(loss) == sum("loss" in r for r in rows), f"steps logged twice in {workdir}/metrics.jsonl"
-    return loss
 
 
 def final_params(workdir):
@@ -90,7 +58,7 @@ def test_tiny_run_overfits_the_demo_data(uninterrupted):
     first, last = loss[steps[0]], np.mean([loss[s] for s in steps[-4:]])
     assert first > 5.5  # ~ln(512) at random init
     assert last < first / 2.5, (first, last)
-    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(uninterrupted)
     dev = [r["dev_loss"] for r in rows if "dev_loss" in r]
     assert len(dev) == 15 and dev[-1] < dev[0] / 2.5
     assert {"learning_rate", "grad_norm", "tokens_per_s", "step_time"} <= set(rows[0])
@@ -152,7 +120,6 @@ def test_two_processes_give_the_losses_of_one(tmp_path, cache, uninterrupted):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from lima_jax.data import pipeline
     from lima_jax.train import loop
-    from tests.test_train_e2e import tiny_config
 
     calls = {"n": 0}
     real = pipeline.global_batch
@@ -165,21 +132,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(pipeline, "global_batch", poisoned)
     config = tiny_config(epochs=3, checkpoint_every_steps=4)
-    with pytest.raises(loop.NonFiniteLoss, match="at step 6"):
+    with pytest.raises(loop.NonFiniteLoss, match="at step 6; stopping .rerunning resumes from checkpoint 4 "):
         loop.train(config, tmp_path)
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert ckpts[-1] == 5  # epoch 2 ends at step 5: the last good checkpoint, nothing saved after
-
-
-def tiny_config(**train):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.train.update(**{**dict(sample_dev_prompts=0, eval_every_epoch=False, async_checkpointing=False), **train})
-    return config
+    assert ckpts == [4]  # every 4 steps (epoch 1's step 3 not kept): nothing saved after the bad step 6
 
 
 def test_training_starts_from_converted_weights(tmp_path):
@@ -187,6 +143,7 @@ def test_training_starts_from_converted_weights(tmp_path):
     With a zero learning rate the saved parameters must be the converted ones, bitwise; dev
     answers are written next to each epoch's checkpoint."""
     import jax
+
     from lima_jax.config import model_config
     from lima_jax.convert.to_orbax import convert_to_orbax
     from lima_jax.train import loop
