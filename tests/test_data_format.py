@@ -89,3 +89,33 @@ def test_file_with_no_answers_is_an_error(tok, tmp_path):
     path = write(tmp_path, [{"conversations": ["A prompt"]}, {"conversations": ["Another"]}])
     with pytest.raises(DataError, match=str(path)):
         load_examples(path, tok, seq_len=64)
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps({"conversations": ["q", "a"]}).encode() + b"\n" +
+                     b'{"conversations": ["caf\xe9?", "yes"]}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not UTF-8 \(byte 0xe9 at column 24\)"):
+        load_examples(str(path), tok, 64)
+
+
+def test_lines_split_on_newline_only(tmp_path, tok):
+    """A raw U+2028 (or U+0085, form feed) inside a JSON string is valid JSON: one line, one example."""
+    answer = "first\u2028second\x0cthird\u0085fourth"
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"conversations": ["q?", answer]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    examples, stats = load_examples(str(path), tok, 256)
+    assert stats.lines == 1 and examples[0]["turns"] == ["q?", answer]
+
+
+def test_sources_keep_only_the_listed(tmp_path, tok):
+    path = write(tmp_path, [{"conversations": ["q1", "a1"], "source": "stackexchange"},
+                            {"conversations": ["q2", "a2", "q3", "a3"], "source": "multi_turn"},
+                            {"conversations": ["q4", "a4"]}])
+    both, _ = load_examples(path, tok, 64)
+    assert [e["source"] for e in both] == ["stackexchange", "multi_turn", ""]
+    single, stats = load_examples(path, tok, 64, sources=("stackexchange", ""))
+    assert [e["line"] for e in single] == [1, 3] and stats.skipped_source == 1
+    with pytest.raises(DataError, match=r"no line has a source in config\.data\.sources=\['wikihow'\]"):
+        load_examples(path, tok, 64, sources=("wikihow",))
