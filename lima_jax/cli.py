@@ -29,6 +29,9 @@ OUTPUT_FLAGS = ("workdir", "output", "json")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _OWN_DIRS = tuple(os.path.join(os.path.dirname(_PACKAGE_DIR), d) + os.sep for d in ("lima_jax", "launch", "configs"))
+_STORAGE_CLIENTS = ("aiohttp", "gcsfs", "google", "requests", "urllib3")  # the libraries gs:// paths go through
+_NETWORK_ERRORS = {"ConnectionError", "ClientConnectionError", "GoogleAuthError", "HttpError", "TimeoutError",
+                   "gaierror"}
 _FILE_LINE = re.compile(r"\S:\d+: ")  # "train.jsonl:12: ..." names one line
 _GS_BUCKET = re.compile(r"gs://([a-z0-9][-a-z0-9_.]*)")
 _QUOTED_PATH = re.compile(r"""["'](gs://[^"']+|/[^"']+)["']""")
@@ -125,7 +128,7 @@ def _by_type(e: BaseException) -> Failure | None:
         todo = "" if "--" in detail else "choose another output, or pass --overwrite to replace it"
         return Failure("output exists", _with_filename(e, detail), todo)
     if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError)):
-        return Failure("cannot use path", _with_filename(e, detail), "choose a location this user can write to")
+        return Failure("cannot use path", _with_filename(e, detail), "check the path and its permissions")
     if isinstance(e, ValueError) and _raised_by_lima_jax(e):
         return Failure("bad config or input", detail)
     return None
@@ -145,8 +148,8 @@ def _disk_full(e: BaseException, argv: Sequence[str]) -> Failure | None:
 
 def _unreachable(e: BaseException, argv: Sequence[str]) -> Failure | None:
     names, text = _names(e), str(e)
-    network = bool(names & {"ConnectionError", "ClientConnectionError", "GoogleAuthError", "HttpError", "TimeoutError",
-                            "gaierror"})
+    from_client = type(e).__module__.split(".")[0] in _STORAGE_CLIENTS  # not jax.distributed's coordinator
+    network = bool(names & _NETWORK_ERRORS) and (from_client or "gs://" in text)
     forbidden = isinstance(e, OSError) and text.startswith("Forbidden:")  # gcsfs's HTTP 403
     tensorstore = any(code in text for code in ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED")) \
         and "gs://" in text

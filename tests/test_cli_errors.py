@@ -116,6 +116,9 @@ def test_a_real_unreachable_server_names_the_bucket():
         asyncio.run(get())
     failure = cli.describe(info.value, ["sample.py", "--prompts", "gs://my-bucket/test.jsonl"])
     assert failure.what == "cannot reach storage" and "gs://my-bucket" in failure.detail
+    with pytest.raises(ConnectionRefusedError) as info:  # not storage: e.g. a multi-process coordinator
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert cli.describe(info.value, ["tpu_train.py", f"--coordinator_address=127.0.0.1:{port}"]) is None
 
 
 @pytest.fixture
