@@ -9,26 +9,20 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from lima_jax.config import base_config  # noqa: E402
-from lima_jax.model import ModelConfig, abstract_params  # noqa: E402
-from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from lima_jax.train.step import TrainState, make_train_step  # noqa: E402
+from lima_jax.model import ModelConfig  # noqa: E402
+from lima_jax.sharding import make_mesh  # noqa: E402
+from lima_jax.train.program import build_program  # noqa: E402
 
 
 def compile_seconds(n_layers: int, scan: bool) -> float:
     cfg = ModelConfig(vocab_size=512, dim=128, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=344,
                       vocab_multiple=8, remat_policy="full", scan_layers=scan)
-    opt_cfg = base_config().optimizer
-    optimizer = make_optimizer(opt_cfg, 100)
-    params = abstract_params(cfg)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(optimizer.init, params))
-    batch = {k: jax.ShapeDtypeStruct((8, 256), jnp.float32 if k == "loss_weights" else jnp.int32)
-             for k in ("tokens", "targets", "positions", "segment_ids", "loss_weights")}
-    step = jax.jit(make_train_step(cfg, optimizer, learning_rate_schedule(opt_cfg, 100)))
+    config = base_config()
+    program = build_program(config, cfg, make_mesh(config.mesh, jax.devices()[:1]), total_steps=100)
     start = time.perf_counter()
-    step.lower(state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+    program.train_step.lower(*program.abstract_args(8, 256)).compile()
     return time.perf_counter() - start
 
 

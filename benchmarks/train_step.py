@@ -69,13 +69,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lima_jax.backend import compile_step, compiler_options  # noqa: E402
+from lima_jax.backend import compile_step  # noqa: E402
 from lima_jax.config import base_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
+from lima_jax.sharding import make_mesh  # noqa: E402
 from lima_jax.train.metrics import peak_flops_per_device  # noqa: E402
-from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from lima_jax.train.step import TrainState, make_train_step  # noqa: E402
+from lima_jax.train.program import build_program  # noqa: E402
+from lima_jax.train.step import TrainState  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,12 +150,11 @@ def jax_step(settings: dict, hf_state: dict, batch: dict):
     config = base_config()
     config.optimizer.update(learning_rate=LR, end_learning_rate=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                             grad_clip_norm=CLIP)
-    optimizer = make_optimizer(config.optimizer, 1000)
+    config.train.grad_accum_steps = settings.get("grad_accum_steps", 1)
+    program = build_program(config, cfg, make_mesh(config.mesh, jax.devices()[:1]), total_steps=1000)
     params = jax.tree.map(jnp.asarray, params_from_hf(hf_state, cfg))
-    state = TrainState(jnp.int32(0), params, optimizer.init(params))
-    step_fn = jax.jit(make_train_step(cfg, optimizer, learning_rate_schedule(config.optimizer, 1000),
-                                      settings.get("grad_accum_steps", 1)),
-                      donate_argnums=0, compiler_options=compiler_options())
+    state = TrainState(jnp.int32(0), params, program.optimizer.init(params))
+    step_fn = program.train_step
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     key = jax.random.key(0)
     holder, compiled = [state], []

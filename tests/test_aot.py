@@ -36,7 +36,7 @@ def test_tiny_fits_a_small_slice_and_reports_memory(tmp_path):
     assert r.stdout.count("verdict: FITS") == 2  # the train step and the sampler
     train, decode = json.loads(out.read_text())
     assert (train["step"], decode["step"]) == ("train", "decode")
-    assert train["devices"] == 4 and train["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert train["devices"] == 4 and train["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     assert 0 < train["total_gib"] < train["hbm_gib"] == 16
     assert train["compiler_flops_per_device"] > 0 and decode["rows"] == 4
 

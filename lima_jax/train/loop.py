@@ -17,12 +17,13 @@ import numpy as np
 from etils import epath
 
 from lima_jax import checkpoint as ckpt, config as config_lib
+from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
 from lima_jax.model import flops_per_token, init_params
 from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.program import TrainProgram, batch_layout_for, build_program
-from lima_jax.train.step import TrainState, compile_step
+from lima_jax.train.step import TrainState
 
 
 class NonFiniteLoss(RuntimeError):

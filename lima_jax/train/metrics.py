@@ -8,12 +8,17 @@ produced the final weights computed it.
 MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices), with model
 FLOPs from `lima_jax.model.flops_per_token` (6N + attention) on the real (non-padding)
 tokens of the step. Peaks are the published dense bf16 figures per chip kind.
+
+A work dir in a bucket: GCS objects cannot be appended to, so metrics.jsonl is rewritten whole
+at each row (a few hundred rows a run); TensorBoard events go through tensorboardX's own gs://
+writer (google-cloud-storage), which uploads the whole events file at each flush.
 """
 
 import json
 
 import jax
-from etils import epath
+
+from lima_jax import storage
 
 # jax `device_kind` prefix -> peak dense bf16 FLOP/s of one JAX device (v4/v5p: a megacore
 # chip, one device; v5e/v6e: one chip).
@@ -50,13 +55,16 @@ class MetricsWriter:
     def __init__(self, workdir, start_step: int = 0):
         """`start_step`: the step the run starts from (the restored checkpoint's, or 0)."""
         self.active = jax.process_index() == 0
-        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.path = storage.path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._remote_text = None  # a bucket's metrics.jsonl as written so far; None for a local file
         if self.active:
             from tensorboardX import SummaryWriter  # lazy: a heavy import, and only process 0 needs it
 
             self._drop_rows_after(start_step)
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+            if storage.is_remote(self.path):
+                self._remote_text = self.path.read_text() if self.path.exists() else ""
+            self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"), purge_step=start_step + 1)
 
     def _drop_rows_after(self, step: int) -> None:
         if not self.path.exists():
@@ -72,12 +80,19 @@ class MetricsWriter:
         if not self.active:
             return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step":
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
+
+    def _append(self, line: str) -> None:
+        if self._remote_text is None:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:  # an object is replaced whole, never appended to (gcsfs would silently overwrite)
+            self._remote_text += line
+            self.path.write_text(self._remote_text)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from lima_jax.backend import compiler_options
 from lima_jax.data.pipeline import FEATURES, batch_sharding
 from lima_jax.model import ModelConfig
 from lima_jax.sharding import BatchLayout, batch_layout, num_slices, resolve_mesh_shape
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lima_jax.train.step import TrainState, abstract_train_state, compiler_options, make_eval_step, make_train_step
+from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,8 @@ class TrainProgram:
         """(state, batch, key) as ShapeDtypeStructs with shardings: `train_step.lower(*...)`."""
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              self.abstract_state, self.state_shardings)
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.state_shardings.step)
+        key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype  # abstract: no device runs anything
+        key = jax.ShapeDtypeStruct((), key_dtype, sharding=self.state_shardings.step)
         return state, self.abstract_batch(rows, seq_len), key
 
 

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lima_jax import hostmem
 from lima_jax.model import abstract_params, param_logical_axes
 from lima_jax.sharding import constrain, named_shardings
 from lima_jax.train import loss as loss_lib
@@ -36,28 +35,6 @@ def abstract_train_state(model_cfg, optimizer, mesh: Mesh) -> tuple[TrainState, 
                                           transform_non_params=lambda _: replicated)
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
     return abstract, TrainState(replicated, param_shardings, opt_shardings)
-
-
-def compiler_options(platform: str | None = None) -> dict | None:
-    """XLA options for jitting the train step on this process's backend.
-
-    XLA:CPU: the memory-optimised scheduler. It orders the backward pass so activations die
-    (or are recomputed) close to their use. bench-110m, unrolled with remat `dots`: the step's
-    temporaries fall from 5.68 to 4.09 GiB, and it runs as fast as remat `none` does under
-    the default scheduler (6.05 GiB; docs/benchmarks.md).
-    Other backends keep their defaults."""
-    if (platform or jax.default_backend()) == "cpu":
-        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-    return None
-
-
-def compile_step(jitted, *args):
-    """`jitted` compiled ahead of time for these arguments, then the compiler's freed working
-    memory handed back to the OS. glibc keeps it otherwise, and the first step's buffers come
-    on top of it: bench-110m on CPU, peak RSS 6.59 -> 6.21 GiB (the later steps' own peak)."""
-    compiled = jitted.lower(*args).compile()
-    hostmem.return_freed_memory()
-    return compiled
 
 
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):
