@@ -56,7 +56,7 @@ def main(argv):
     if FLAGS.prompts and not FLAGS.output:
         raise app.UsageError("--prompts needs --output")
     if FLAGS.prompts:
-        check_output(FLAGS.output, FLAGS.overwrite, FLAGS.resume)  # before the model loads, not after generating
+        check_output(FLAGS.output, FLAGS.overwrite, FLAGS.resume, FLAGS.prompts)  # before the model loads
     settings = SamplingSettings(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                                 repetition_penalty=FLAGS.repetition_penalty, penalize_prompt=FLAGS.penalize_prompt,
                                 greedy=FLAGS.greedy, max_new_tokens=FLAGS.max_new_tokens)

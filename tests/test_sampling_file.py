@@ -175,6 +175,12 @@ def test_output_location_checked_before_the_model_loads(tmp_path):
                           check=False, capture_output=True, text=True)
     assert done.returncode == 2 and "taken" in done.stderr and "no_checkpoint" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    other = tmp_path / "other.jsonl"  # --resume of answers to other prompts: refused before loading too
+    other.write_text(json.dumps({"line": 1, "conversations": ["Something else"]}) + "\n")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint",
+                           str(tmp_path / "no_checkpoint"), "--prompts", str(prompts), "--output", str(other),
+                           "--resume"], check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and f"{other}:1 answers another prompt" in done.stderr, done.stderr
     fresh = tmp_path / "new" / "folder" / "answers.jsonl"
     assert check_output(str(fresh)) and fresh.parent.is_dir() and not fresh.exists()
     assert list(fresh.parent.iterdir()) == []  # the write test leaves nothing behind

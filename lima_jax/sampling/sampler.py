@@ -165,11 +165,10 @@ def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings:
     as an uninterrupted run's). Returns a summary (counts, tokens/s)."""
     from tqdm import tqdm
 
-    from lima_jax.data.format import read_conversations
-    from lima_jax.sampling.answers import AnswersFile, check_resumed
+    from lima_jax.sampling.answers import AnswersFile, check_resumed, read_prompts
 
     answers = AnswersFile(output_path, overwrite, resume)
-    records = [(c.line, c.turns) for c in read_conversations(prompts_path)]
+    records = read_prompts(prompts_path)
     meta = json.loads(json.dumps(dict(settings.as_dict(), seed=seed, format=fmt, stop_ids=list(sampler.stop_ids))))
     check_resumed(answers.done, records, meta, output_path, prompts_path)
     prompts = [sampler.prompt_ids(turns, fmt) for _, turns in records]
