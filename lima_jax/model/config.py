@@ -11,6 +11,8 @@ them for a named platform.
 """
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -43,7 +45,7 @@ class ModelConfig:
     transposed_wgrad: bool | None = None  # weight gradients read a transposed copy (model/dense.py); None: backend's
     causal_blocks: int | None = None  # query blocks of causal xla attention (model/attention.py); None: backend's
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.dim % self.n_heads:
@@ -56,7 +58,7 @@ class ModelConfig:
             raise ValueError(f"model.causal_blocks={self.causal_blocks} must be at least 1 (1: no blocks)")
 
     @classmethod
-    def from_config(cls, model_cfg) -> "ModelConfig":
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "ModelConfig":
         """From `config.model` (a ConfigDict or a plain dict); unknown keys are an error."""
         values = dict(model_cfg)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -82,9 +84,9 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     @property
-    def compute_dtype(self):
+    def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
     @property
-    def weight_dtype(self):
+    def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
