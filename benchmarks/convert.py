@@ -49,9 +49,10 @@ def reset_peak_rss() -> bool:
 def child(args):
     """One conversion (or export) in this process; prints one JSON line."""
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from lima_jax.convert import convert_to_orbax, export_hf  # noqa: F401  (imports are the overhead)
     import torch  # noqa: F401
     from safetensors import safe_open  # noqa: F401
+
+    from lima_jax.convert import convert_to_orbax, export_hf  # noqa: F401  (imports are the overhead)
 
     # Warm up on a tiny model first (JAX backend, Orbax, tensorstore, torch.load all initialised),
     # so the fixed overhead is in the baseline and the peak above it is the conversion's own.
