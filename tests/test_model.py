@@ -139,13 +139,15 @@ def test_backend_tuning_fills_only_the_speed_settings_left_unset():
 
 
 def test_tuning_follows_the_platform_of_the_mesh_traced_for():
-    """The AOT fit check traces TPU programs on a CPU host, under a mesh of TPU topology devices."""
-    pytest.importorskip("libtpu")
-    from jax.experimental import topologies
-
+    """The AOT fit check traces TPU programs on a CPU host, under a mesh of TPU devices: TPU's
+    tuning. (An abstract TPU mesh here: libtpu serves one process at a time, and test_aot uses it.)"""
     from lima_jax import backend
 
-    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
-    with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("fsdp",))):
+    with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("fsdp",))):
+        here = jax.sharding.get_abstract_mesh()
+        assert backend.target_platform() == jax.default_backend()
+    tpu = type(here.abstract_device)(device_kind="TPU v4", num_cores=2, platform="tpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(here.axis_sizes, here.axis_names,
+                                                                  abstract_device=tpu)):
         assert backend.tuning() == backend.TUNINGS["tpu"]
     assert backend.tuning() == backend.tuning(jax.default_backend())
