@@ -201,7 +201,7 @@ class MetaSource(_Source):
                 if absent:
                     raise ConversionError(f"{f}: missing tensor(s) {absent[:5]}{' ...' if len(absent) > 5 else ''} "
                                           f"(params.json says n_layers={cfg.n_layers})")
-            for name, (t, i) in expected.items():
+            for name, (t, _layer) in expected.items():
                 shapes = [tuple(sd[name].shape) for sd in self._open]
                 if len(set(shapes)) > 1:
                     detail = ", ".join(f"{f.name}: {s}" for f, s in zip(self.files, shapes))
