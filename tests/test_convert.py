@@ -310,9 +310,12 @@ def test_cli_with_config_file(tmp_path, mha_model):
         "    return c\n")
     cmd = [sys.executable, str(ROOT / "launch" / "convert_checkpoint.py"), "--source", "hf", "--input",
            str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"), "--config", str(tmp_path / "cfg.py"),
-           "--config.model.n_layers=3", "--add_eot"]
+           "--config.model.n_layers=3", "--add_eot", "--tokenizer", str(tmp_path / "given.model")]
+    (tmp_path / "given.model").write_bytes(train_tokenizer(MHA.vocab_size))
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "MB/s" in result.stdout
-    model = checkpoint.read_meta(tmp_path / "ckpt").model
+    assert "MB/s" in result.stdout and "tokenizer stored" in result.stdout
+    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    model = meta.model
     assert (model["vocab_size"], model["vocab_multiple"], model["param_dtype"]) == (MHA.vocab_size + 1, 128, "bfloat16")
+    assert (meta.eot_id, meta.tokenizer) == (MHA.vocab_size, (tmp_path / "given.model").read_bytes())

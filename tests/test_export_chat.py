@@ -180,3 +180,16 @@ def test_checkpoint_without_recorded_eot_id_exports_as_a_chat_model(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [2, PIECES]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.chat_template is not None and hf_tok.convert_tokens_to_ids(EOT_TOKEN) == PIECES
+
+
+def test_a_normalizing_tokenizer_is_warned_about(caplog):
+    """The demo tokenizer (nmt_nfkc, collapsed spaces) normalizes; transformers would not."""
+    from lima_jax.convert.tokenizer_files import hf_tokenizer_files
+    from lima_jax.data.demo import DEMO_PIECES, build_demo_tokenizer
+
+    with open(build_demo_tokenizer(), "rb") as f:
+        proto = f.read()
+    with caplog.at_level("WARNING"):
+        files = hf_tokenizer_files(proto, DEMO_PIECES, DEMO_PIECES + 1, 512)
+    assert "normalizer nmt_nfkc, remove_extra_whitespaces" in caplog.text and "chat_template" in json.loads(
+        files["tokenizer_config.json"])
