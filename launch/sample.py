@@ -39,7 +39,7 @@ flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
 flags.DEFINE_bool("penalize_prompt", False, "count prompt tokens as seen for the repetition penalty (HF style)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("batch_size", 8, "prompts per batch with --prompts")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: config.data.tokenizer_path)")
+flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the one stored in the checkpoint)")
 flags.DEFINE_bool("stream", True, "print tokens as they come (with --prompt)")
 FLAGS = flags.FLAGS
 

@@ -114,6 +114,76 @@ def read_meta(path) -> CheckpointMeta:
     return CheckpointMeta.from_json(record)
 
 
+def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, data_iter,
+                     meta: CheckpointMeta) -> None:
+    """One training checkpoint: params, optimizer state, the Grain iterator and the meta record
+    (asynchronous if the manager is). A step already saved is left alone."""
+    import grain
+
+    if mngr.latest_step() == step:
+        return
+    mngr.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        OPT_STATE: ocp.args.StandardSave(opt_state),
+        DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+        META: ocp.args.JsonSave(meta.to_json()),
+    }))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_target, data_iter,
+                        warn) -> tuple[int, Any, Any, CheckpointMeta] | None:
+    """(step, params, opt_state, meta) of the newest checkpoint that restores and holds finite
+    parameters, read into the targets' shardings (see `target_tree`); `data_iter` is set to
+    that step's position. None when there is none.
+
+    A checkpoint that fails is never deleted: it is moved to `damaged/STEP` beside the
+    checkpoints (so no later save collides with it), `warn` names it, and the previous
+    complete one is tried."""
+    import grain
+
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardRestore(params_target),
+                OPT_STATE: ocp.args.StandardRestore(opt_state_target),
+                DATA_ITER: grain.checkpoint.CheckpointRestore(data_iter),  # restores in place
+                META: ocp.args.JsonRestore(),
+            }))
+            problem = None if all_finite(restored[PARAMS]) else "its parameters are not all finite"
+        except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
+            problem = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        if problem is None:
+            return step, restored[PARAMS], restored[OPT_STATE], CheckpointMeta.from_json(restored[META])
+        moved = set_aside(mngr, step)
+        warn(f"checkpoint {mngr.directory}/{step} is damaged: {problem}; moved to {moved}, "
+             f"falling back to the previous one")
+    return None
+
+
+def all_finite(tree) -> bool:
+    import jax.numpy as jnp
+
+    leaves = jax.tree.leaves(tree)
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Move a damaged step out of the manager's view (process 0 moves, everyone waits)."""
+    from jax.experimental import multihost_utils
+
+    source = epath.Path(mngr.directory) / str(step)
+    target = epath.Path(mngr.directory) / "damaged" / str(step)
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.with_name(f"{step}.{len(list(target.parent.iterdir()))}")
+        source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lima_jax set aside {step}")
+    mngr.reload()
+    return target
+
+
 def save_params(directory, params, meta: CheckpointMeta, step: int = 0) -> pathlib.Path:
     """Write a params-only checkpoint (the converter's output) and wait until it is complete."""
     with manager(directory, async_save=False) as mngr:

@@ -21,7 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=32001, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
         norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, vocab_multiple=128,
         dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True,
-        attention="xla", residual_dropout=0.2, logits_chunks=4, transposed_wgrad=False,
+        attention="xla", residual_dropout=0.2, logits_chunks=4,
+        # None: the backend's choice (lima_jax/backend.py); True/False/a number override it.
+        transposed_wgrad=ml_collections.config_dict.placeholder(bool),
+        causal_blocks=ml_collections.config_dict.placeholder(int),
     ))
 
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
@@ -111,7 +114,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 # The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
                 "data.examples_per_step", "train.epochs", "optimizer")
-_MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad")
+_MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
 
 
 def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: str) -> dict:
@@ -126,6 +129,14 @@ def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: st
 def is_accepted(key: str, accepted) -> bool:
     """`model.dim` is accepted by `model.dim` or by `model`."""
     return key in accepted or key.split(".")[0] in accepted
+
+
+def run_value(identity: dict, key: str):
+    """A run identity's value for a key of `changed_run_keys` (`model.dim` looks inside `model`)."""
+    if key in identity:
+        return identity[key]
+    head, _, rest = key.partition(".")
+    return identity.get(head, {}).get(rest)
 
 
 def changed_run_keys(saved: dict, current: dict) -> list[str]:

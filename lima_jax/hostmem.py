@@ -7,7 +7,7 @@ after which such tensors come from the heap arenas and their pages stay resident
 RSS creeps up tensor by tensor. `bound_heap()` fixes the threshold (blocks of 1 MB and more are
 mapped and unmapped on their own), `return_freed_memory()` trims what the arenas hold. The
 train step's compilation leaves its working memory in those arenas too, which
-`train.step.compile_step` trims the same way. All are no-ops where glibc is not the allocator.
+`backend.compile_step` trims the same way. All are no-ops where glibc is not the allocator.
 """
 
 import ctypes

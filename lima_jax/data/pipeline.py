@@ -89,10 +89,10 @@ class Plan:
         return self.real_tokens / (self.total_steps * max(self.rows_per_step, self.rows_needed) * self.seq_len)
 
 
-def load_data(data_cfg, seed: int) -> LimaData:
-    """Tokenise `train_path` (keeping `sources`); the dev set is `dev_path`, or else
-    `dev_size` train examples held out by the seed (0: no dev set)."""
-    tokenizer = load_tokenizer(data_cfg.tokenizer_path)
+def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaData:
+    """Tokenise `train_path` (keeping `sources`) with `tokenizer`, else `tokenizer_path`'s; the
+    dev set is `dev_path`, or else `dev_size` train examples held out by the seed (0: none)."""
+    tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer_path)
     sources = tuple(data_cfg.sources)
     examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len, sources)
     if data_cfg.dev_path:

@@ -54,6 +54,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not path:
         from lima_jax.data import demo
         path = demo.build_demo_tokenizer()
-    from etils import epath
-    proto = epath.Path(path).read_bytes()
+    from lima_jax import storage
+    return tokenizer_from_proto(storage.path(path).read_bytes())
+
+
+def tokenizer_from_proto(proto: bytes) -> Tokenizer:
+    """A tokenizer from a serialized SentencePiece model (as checkpoints store it)."""
     return Tokenizer(spm.SentencePieceProcessor(model_proto=proto))

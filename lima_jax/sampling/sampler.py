@@ -43,7 +43,9 @@ class Sampler:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        return tuple(sorted({int(self.tokenizer.eot_id), int(self.tokenizer.eos_id)}))
+        """EOS, and EOT where the model has it (a base model's vocabulary ends before EOT's id)."""
+        ids = {int(self.tokenizer.eot_id), int(self.tokenizer.eos_id)}
+        return tuple(sorted(i for i in ids if i < self.cfg.vocab_size))
 
     def prompt_ids(self, turns: str | Sequence[str], fmt: str = "lima") -> list[int]:
         """Token ids of a prompt: a user message, or a conversation ending with a user turn."""

@@ -19,6 +19,7 @@ from etils import epath
 from lima_jax import checkpoint as ckpt, config as config_lib
 from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
+from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_proto
 from lima_jax.model import flops_per_token, init_params
 from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -55,9 +56,10 @@ class Run:
 
 def train(config, workdir) -> TrainState:
     run = prepare(config, workdir)
+    log_plan(run)
     state = restore_or_init(run)
     start = int(state.step)
-    log_run_config(run, start)
+    record_config(run, start)
     loop = StepLoop(run, start)
     try:
         with jax.set_mesh(run.program.mesh), stop_on_sigterm() as stop:
@@ -93,7 +95,7 @@ def prepare(config, workdir) -> Run:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    data = pipeline.load_data(config.data, config.seed)
+    data = pipeline.load_data(config.data, config.seed, tokenizer=initial_tokenizer(config))
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} has {data.tokenizer.num_pieces} "
                          f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
@@ -116,6 +118,21 @@ def prepare(config, workdir) -> Run:
               pipeline.train_iterator(data, plan))
     check_resume(run)
     return run
+
+
+def initial_tokenizer(config) -> Tokenizer | None:
+    """The tokenizer stored with `config.init_checkpoint` when `data.tokenizer_path` is empty;
+    a given tokenizer must be that one (the weights were trained with it)."""
+    if not config.init_checkpoint:
+        return None
+    stored = ckpt.read_meta(config.init_checkpoint).tokenizer
+    if stored is None or not config.data.tokenizer_path:
+        return None if stored is None else tokenizer_from_proto(stored)
+    given = load_tokenizer(config.data.tokenizer_path)
+    if given.sp.serialized_model_proto() != stored:
+        raise ValueError(f"config.data.tokenizer_path={config.data.tokenizer_path} is not the tokenizer stored with "
+                         f"config.init_checkpoint={config.init_checkpoint}; leave tokenizer_path empty to use that one")
+    return given
 
 
 def check_same_data_on_all_processes(digest: str) -> None:
@@ -148,18 +165,12 @@ def check_resume(run: Run) -> None:
     accepted = run.config.train.accept_changed
     changed = [k for k in config_lib.changed_run_keys(saved, run.identity) if not config_lib.is_accepted(k, accepted)]
     if changed:
-        lines = [f"  {k}: {lookup(saved, k)!r} -> {lookup(run.identity, k)!r}" for k in changed]
+        value = config_lib.run_value
+        lines = [f"  {k}: {value(saved, k)!r} -> {value(run.identity, k)!r}" for k in changed]
         keys = tuple(sorted({k.split(".")[0] if k.startswith(("model.", "optimizer.")) else k for k in changed}))
         raise ResumeRefused(
             f"{run.workdir} holds checkpoint {step} of a different run; changed:\n" + "\n".join(lines) +
             f"\nUse another --workdir, or accept the change deliberately: --config.train.accept_changed=\"{keys}\"")
-
-
-def lookup(identity: dict, key: str):
-    if key in identity:
-        return identity[key]
-    head, _, rest = key.partition(".")
-    return identity.get(head, {}).get(rest)
 
 
 def restore_or_init(run: Run) -> TrainState:
@@ -167,8 +178,9 @@ def restore_or_init(run: Run) -> TrainState:
     `config.init_checkpoint` (converted weights) or from a random init."""
     program, config = run.program, run.config
     abstract, shardings = program.abstract_state, program.state_shardings
-    restored = ckpt.restore_train_state(run.manager, abstract.params, abstract.opt_state, shardings.params,
-                                        shardings.opt_state, run.train_iter, warn=lambda m: log(f"warning: {m}"))
+    restored = ckpt.restore_train_state(run.manager, ckpt.target_tree(abstract.params, shardings.params),
+                                        ckpt.target_tree(abstract.opt_state, shardings.opt_state), run.train_iter,
+                                        warn=lambda m: log(f"warning: {m}"))
     if restored is not None:
         step, params, opt_state, _ = restored
         log(f"resuming from {run.manager.directory}/{step}")
@@ -184,8 +196,8 @@ def restore_or_init(run: Run) -> TrainState:
     return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
 
 
-def log_run_config(run: Run, start: int) -> None:
-    """The plan, printed before compiling, and the config appended to WORKDIR/config.json."""
+def log_plan(run: Run) -> None:
+    """What the run will do, printed before anything is restored or compiled."""
     plan, layout, data, mesh = run.plan, run.layout, run.data, run.program.mesh
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
     log(f"data: {len(data.train)} train examples ({', '.join(f'{k} {v}' for k, v in sorted(data.sources().items()))});"
@@ -194,6 +206,10 @@ def log_run_config(run: Run, start: int) -> None:
         f"(the last step {len(data.train) * plan.epochs - (plan.total_steps - 1) * plan.examples_per_step}), "
         f"{100 * plan.efficiency:.1f}% real tokens")
     log(f"batch: {layout.describe(plan.seq_len)}")
+
+
+def record_config(run: Run, start: int) -> None:
+    """The effective config, printed and appended to WORKDIR/config.json (one entry a start)."""
     if jax.process_index() == 0:
         path = run.workdir / "config.json"
         history = json.loads(path.read_text()) if path.exists() else []
