@@ -12,8 +12,8 @@ from lima_jax import checkpoint
 from lima_jax.convert import ConversionError, convert_to_orbax
 from lima_jax.convert.hf_config import read_hf_arch
 from lima_jax.model import ModelConfig
-from tests.test_convert import GQA, MHA, TOKENS, hf_logits, our_logits, restore, write_meta
-from tests.test_model import hf_model
+from tests.convert_fixtures import CONVERT_GQA as GQA, CONVERT_MHA as MHA, TOKENS, restore, write_meta
+from tests.references import hf_logits, hf_model, our_logits
 
 BASE = {"model_type": "llama", "vocab_size": 256, "hidden_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 256}

@@ -12,8 +12,8 @@ import pytest
 from lima_jax import checkpoint
 from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 from tests.conftest import ROOT
-from tests.test_convert import MHA, train_tokenizer
-from tests.test_model import hf_model
+from tests.convert_fixtures import CONVERT_MHA as MHA, train_tokenizer
+from tests.references import hf_model
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ References are transformers' `generate` on the model it saved (HF folders) or on
 Meta folder was split from, and SentencePiece itself for the prompt's ids."""
 
 import json
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,12 +15,17 @@ import torch
 from lima_jax import checkpoint
 from lima_jax.convert import convert_to_orbax
 from lima_jax.model import ModelConfig
-from tests.conftest import ROOT
-from tests.test_convert import GQA, MHA, train_tokenizer, write_meta
-from tests.test_model import hf_model
+from tests.convert_fixtures import (
+    CONVERT_GQA as GQA,
+    CONVERT_MHA as MHA,
+    MAX_NEW,
+    sample_cli,
+    train_tokenizer,
+    write_meta,
+)
+from tests.references import hf_model
 
 PROMPTS = ("What is 12 plus 7?", "Give me one tip about sleep.")
-MAX_NEW = 12
 
 
 def hf_greedy(model, sp: spm.SentencePieceProcessor, prompt: str, max_new: int = MAX_NEW) -> list[int]:
@@ -33,18 +35,6 @@ def hf_greedy(model, sp: spm.SentencePieceProcessor, prompt: str, max_new: int =
         out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new, repetition_penalty=1.0,
                              eos_token_id=sp.eos_id(), pad_token_id=sp.eos_id())[0, len(ids):].tolist()
     return out[:out.index(sp.eos_id())] if sp.eos_id() in out else out
-
-
-def sample_cli(ckpt, prompt: str, *extra: str, turns=(), fmt="raw", max_new: int = MAX_NEW) -> tuple[str, int]:
-    """(answer, answer tokens) from `launch/sample.py --greedy --repetition_penalty 1.0`."""
-    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(ckpt), "--format", fmt, "--greedy",
-           "--repetition_penalty", "1.0", "--max_new_tokens", str(max_new), "--nostream", "--prompt", prompt,
-           *[f"--turn={t}" for t in turns], *extra]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    counts = re.search(r"\[(\d+) prompt tokens, (\d+) answer tokens", result.stderr)
-    assert counts, result.stderr[-2000:]
-    return result.stdout.removesuffix("\n"), int(counts.group(2))
 
 
 def hf_folder(model, directory, proto: bytes):

@@ -11,8 +11,8 @@ from lima_jax import checkpoint
 from lima_jax.convert import convert_to_orbax, export_hf, sources
 from lima_jax.convert.layout import LAYOUT, get_path, params_from_hf
 from lima_jax.model import ModelConfig, abstract_params
-from tests.test_convert import MHA, read_safetensors, write_meta
-from tests.test_model import hf_model
+from tests.convert_fixtures import CONVERT_MHA as MHA, read_safetensors, write_meta
+from tests.references import hf_model
 
 
 @pytest.fixture(scope="module")

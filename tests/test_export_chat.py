@@ -26,8 +26,7 @@ from lima_jax.data.format import encode_conversation, format_prompt
 from lima_jax.data.tokenizer import Tokenizer
 from lima_jax.model import ModelConfig, bind, init_params
 from lima_jax.sampling import SamplingSettings
-from tests.test_convert import train_tokenizer
-from tests.test_convert_sampling import sample_cli
+from tests.convert_fixtures import sample_cli, train_tokenizer
 
 PIECES = 400
 CFG = ModelConfig(vocab_size=PIECES + 1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_multiple=8,

@@ -13,7 +13,7 @@ import transformers
 from lima_jax.model import bind, param_logical_axes
 from lima_jax.sampling import SamplingSettings, generate, next_token, repetition_penalty, temperature, top_k, top_p
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
-from tests.test_model import GQA, MHA, hf_model as hf_model_small_init, hf_params
+from tests.references import MODEL_GQA as GQA, MODEL_MHA as MHA, hf_model as hf_model_small_init, hf_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -7,27 +7,12 @@ import pytest
 from jax.sharding import NamedSharding
 
 from lima_jax.config import base_config, validate
-from lima_jax.model import ModelConfig, init_params, param_logical_axes
+from lima_jax.model import init_params, param_logical_axes
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
 from lima_jax.train.loss import lm_loss
+from tests.train_fixtures import CFG, random_batch
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-CFG = ModelConfig(vocab_size=250, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_multiple=16,
-                  remat_policy="full")
-
-
-def random_batch(rows=8, seq=32, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, CFG.vocab_size, (rows, seq + 1))
-    seg = np.cumsum(rng.random((rows, seq)) < 0.1, axis=1) + 1  # packed-looking rows
-    positions = np.zeros_like(seg)
-    for r in range(rows):
-        for t in range(1, seq):
-            positions[r, t] = 0 if seg[r, t] != seg[r, t - 1] else positions[r, t - 1] + 1
-    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=positions, segment_ids=seg,
-                loss_weights=(rng.random((rows, seq)) < 0.7).astype(np.float32))
-
 
 def loss_and_grads(params, batch):
     return jax.value_and_grad(lambda p: lm_loss(CFG, p, batch)[0])(params)

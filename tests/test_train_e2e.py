@@ -147,7 +147,7 @@ def test_training_starts_from_converted_weights(tmp_path):
     from lima_jax.config import model_config
     from lima_jax.convert.to_orbax import convert_to_orbax
     from lima_jax.train import loop
-    from tests.test_model import hf_model
+    from tests.references import hf_model
 
     config = tiny_config(epochs=1, sample_dev_prompts=2, eval_every_epoch=True, sample_max_new_tokens=8)
     config.optimizer.update(learning_rate=0.0, end_learning_rate=0.0)

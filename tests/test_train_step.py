@@ -11,7 +11,7 @@ from lima_jax.model import bind, init_params
 from lima_jax.sharding import make_mesh
 from lima_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from lima_jax.train.step import TrainState, abstract_train_state, make_train_step
-from tests.test_sharding import CFG, random_batch
+from tests.train_fixtures import CFG, random_batch
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
