@@ -1,0 +1,159 @@
+"""Asking the judge: chat completions through the official `openai` client, many at once (up to
+`concurrency`), each retried with exponential backoff on 429, 5xx and lost connections, each
+answered from the disk cache when it can be, with a progress bar.
+
+The retries are ours, not the client's (it is built with `max_retries=0`), so the policy is one
+place: `max_attempts` tries, waits of `backoff_s * 2**k` (with jitter, at most `max_backoff_s`,
+longer if the server's Retry-After asks), then a clear error; the replies received so far stay
+in the cache, so rerunning the same command resumes."""
+
+import concurrent.futures
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import openai
+import tqdm
+
+from lima_jax.evaluation.cache import ReplyCache, cache_key
+
+Messages = list[dict[str, str]]
+
+
+class JudgeError(ValueError):
+    """The judge could not be asked: a refused request, or retries exhausted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSettings:
+    url: str
+    model: str
+    api_key: str = "EMPTY"  # a local server needs none, the client needs some string
+    temperature: float = 0.0  # greedy: a verdict must not depend on a sampling seed
+    max_tokens: int = 4  # the verdict is one character; a few more let the text be read when logprobs are absent
+    logprobs: bool = True  # ask for token log-probabilities (the verdict as a probability, as AlpacaEval does)
+    top_logprobs: int = 20  # OpenAI's maximum
+    concurrency: int = 8
+    max_attempts: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 300.0
+
+    def request_params(self) -> dict:
+        """What, besides model and messages, decides a reply: part of the cache key."""
+        params: dict = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.logprobs:
+            params.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return params
+
+
+def retryable(status: int) -> bool:
+    """Rate limits and server errors pass; a request the server refuses (4xx) will be refused again."""
+    return status == 429 or status >= 500
+
+
+def backoff_seconds(attempt: int, settings: JudgeSettings, retry_after: float | None = None,
+                    rng: random.Random | None = None) -> float:
+    """The wait before try `attempt + 1`: doubling from `backoff_s`, jittered to 50-100% so that
+    concurrent requests do not retry in lockstep, at least what Retry-After asks, at most `max_backoff_s`."""
+    wait = settings.backoff_s * 2 ** (attempt - 1) * (0.5 + 0.5 * (rng or random).random())
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return min(wait, settings.max_backoff_s)
+
+
+class Judge:
+    """Sends chat requests to one judge model; `sent` counts requests that went out (retries
+    included), `from_cache` the replies the cache gave."""
+
+    def __init__(self, settings: JudgeSettings, cache: ReplyCache, progress: bool = True):
+        self.settings, self.cache, self.progress = settings, cache, progress
+        self.client = openai.OpenAI(base_url=settings.url, api_key=settings.api_key, max_retries=0,
+                                    timeout=settings.timeout_s)
+        self.sent = self.from_cache = self.retries = 0
+        self._count_lock = threading.Lock()
+
+    def ask_all(self, conversations: Sequence[Messages], desc: str = "judging") -> list[dict]:
+        """The reply to each conversation, in order; identical requests are sent once."""
+        params = self.settings.request_params()
+        keys = [cache_key(self.settings.model, messages, params) for messages in conversations]
+        todo = {key: messages for key, messages in zip(keys, conversations) if key not in self.cache}
+        unique = len(set(keys))
+        self.from_cache += unique - len(todo)
+        with tqdm.tqdm(total=unique, initial=unique - len(todo), desc=desc, unit="req", disable=not self.progress,
+                       dynamic_ncols=True) as bar:
+            self._run(todo, params, bar)
+        return [self.cache.get(key) for key in keys]
+
+    def _run(self, todo: Mapping[str, Messages], params: dict, bar: tqdm.tqdm) -> None:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.concurrency)
+        try:
+            futures = {pool.submit(self.ask, messages): key for key, messages in todo.items()}
+            for future in concurrent.futures.as_completed(futures):
+                key = futures[future]
+                self.cache.put(key, future.result(), {"model": self.settings.model, "params": params})
+                bar.update(1)
+        except JudgeError as e:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise JudgeError(f"{e}\n  {len(self.cache)} replies are cached in {self.cache.path}: rerun the same "
+                             f"command to resume") from None
+        finally:
+            pool.shutdown(wait=True)
+
+    def ask(self, messages: Messages) -> dict:
+        """One request, retried; the reply as a plain dict (see `reply_dict`)."""
+        s = self.settings
+        for attempt in range(1, s.max_attempts + 1):
+            try:
+                self._count("sent")
+                response = self.client.chat.completions.create(model=s.model, messages=messages,
+                                                               **s.request_params())
+                return reply_dict(response)
+            except openai.APIStatusError as e:
+                error, retry_after = f"HTTP {e.status_code}: {_short(e)}", _retry_after(e)
+                if not retryable(e.status_code):
+                    raise JudgeError(f"the judge at {s.url} refused the request ({error}); check --judge_url, "
+                                     f"--judge_model and the API key" + _logprobs_hint(e, s)) from None
+            except openai.APIConnectionError as e:  # also timeouts
+                error, retry_after = f"{type(e).__name__}: {_short(e)}", None
+            if attempt == s.max_attempts:
+                raise JudgeError(f"the judge at {s.url} failed {attempt} times, last: {error}")
+            self._count("retries")
+            time.sleep(backoff_seconds(attempt, s, retry_after))
+        raise AssertionError("unreachable")
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+def reply_dict(response) -> dict:
+    """What a verdict is read from: the text and, when returned, each generated token with its
+    log-probability and the top alternatives (`top`: [[token, logprob], ...])."""
+    if not response.choices:
+        raise JudgeError("the judge returned no choices")
+    choice = response.choices[0]
+    content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
+    tokens = None
+    if content:
+        tokens = [{"token": t.token, "logprob": t.logprob, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
+                  for t in content]
+    return {"text": choice.message.content or "", "tokens": tokens, "finish_reason": choice.finish_reason}
+
+
+def _retry_after(e: openai.APIStatusError) -> float | None:
+    try:
+        return float(e.response.headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().split("\n", 1)[0]
+    return text[:300]
+
+
+def _logprobs_hint(e: openai.APIStatusError, s: JudgeSettings) -> str:
+    return "; if the endpoint does not support logprobs, pass --nologprobs" if s.logprobs and "logprob" in str(e) else ""
