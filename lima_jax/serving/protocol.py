@@ -1,0 +1,124 @@
+"""The OpenAI request bodies the server accepts (pydantic), and their translation into LIMA:
+turns in LIMA's format, decoding settings, an engine Request.
+
+Unknown fields are refused, as OpenAI refuses them; fields OpenAI clients commonly send
+with their neutral value (n=1, presence/frequency penalty 0, user, ...) are accepted.
+Decoding: LIMA's (top_p 0.9, temperature 0.7, repetition penalty 1.2 on generated tokens)
+unless set; `temperature: 0` means greedy. `repetition_penalty` is an extension (the
+openai client sends it through `extra_body`). `logit_bias` is added to the logits before
+the penalty; logprobs are the model's own (log-softmax before any transform).
+
+Messages: LIMA's format has user and assistant turns only, alternating, starting and ending
+with the user; a `system` message is refused (LIMA has no system role; the Hugging Face
+export's chat template refuses it too): put instructions in the first user message.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lima_jax.sampling.transforms import SamplingSettings
+
+LIMA = SamplingSettings()
+MAX_STOP = 4  # as OpenAI
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
+    model: str = ""  # one model per server: any name is accepted
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Literal[1] = 1  # one answer per request: ask again (with another seed) for more
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # LIMA's extension
+    presence_penalty: Literal[0] | None = None
+    frequency_penalty: Literal[0] | None = None
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: Literal[False] = False
+    suffix: None = None
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def chat_turns(messages: list[Message]) -> list[str]:
+    """LIMA's turns from OpenAI messages, or InvalidRequest."""
+    if not messages:
+        raise InvalidRequest("messages is empty: send at least one user message", "messages")
+    for i, message in enumerate(messages):
+        if message.role == "system":
+            raise InvalidRequest("LIMA has no system role (its format alternates user and assistant turns): put the "
+                                 "instructions in the first user message", f"messages[{i}].role")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise InvalidRequest(f"messages[{i}] is {message.role!r} but LIMA's turns alternate user and assistant, "
+                                 f"starting with user: expected {expected!r}", f"messages[{i}].role")
+    if messages[-1].role != "user":
+        raise InvalidRequest("the last message must be the user's (the model answers it)", "messages")
+    return [m.text() for m in messages]
+
+
+def settings_of(body: _Sampling) -> dict:
+    """The engine Request's decoding fields (LIMA's defaults), without prompt and max_tokens."""
+    greedy = body.temperature == 0
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise InvalidRequest(f"logit_bias key {key!r} is not a token id", "logit_bias")
+        bias.append((int(key), float(value)))
+    return dict(temperature=LIMA.temperature if body.temperature in (None, 0) else body.temperature,
+                top_p=LIMA.top_p if body.top_p is None else body.top_p,
+                repetition_penalty=LIMA.repetition_penalty if body.repetition_penalty is None
+                else body.repetition_penalty,
+                greedy=greedy, logit_bias=tuple(bias))
