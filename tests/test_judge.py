@@ -6,9 +6,18 @@ reply cache, the backoff policy, the chart. Then the whole thing against `launch
 serving a tiny checkpoint as the judge (a real OpenAI-compatible server), behind a real HTTP
 proxy started here that counts the requests and can answer 503 first."""
 
+import http.server
 import json
 import math
+import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -18,6 +27,7 @@ from lima_jax.evaluation.cache import ReplyCache, cache_key
 from lima_jax.evaluation.chart import preference_chart
 from lima_jax.evaluation.client import JudgeSettings, backoff_seconds, retryable
 from lima_jax.evaluation.verdicts import OrderVerdict, combine, read_likert, read_pairwise
+from tests.conftest import ROOT
 
 
 def reply(text: str = "", tops: list[dict[str, float]] | None = None) -> dict:
@@ -210,3 +220,257 @@ def test_preference_chart_is_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > height > 100
+
+
+# ---- against launch/serve.py ----
+
+QUESTIONS = ["What is 2 plus 3?", "Spell the word \"apple\" backwards.", "Give me one tip about sleep.",
+             "What is the opposite of hot?", "How many letters are in \"garden\"?", "Convert 2 km to meters."]
+OURS = ["2 plus 3 is 5.", "\"apple\" backwards is \"elppa\".", "Go to bed at the same time every night.",
+        "The opposite of hot is cold.", "\"garden\" has 6 letters.", "2 km is 2000 meters."]
+THEIRS = ["It is 6.", "elpa", "Sleep is good.", "Warm.", "Five.", "20 meters."]
+
+
+def answers_file(path, answers) -> str:
+    """An answers file as `launch/sample.py --prompts` writes it (the row format of sampling/answers.py)."""
+    settings = {"temperature": 0.7, "top_p": 0.9, "seed": 0, "max_new_tokens": 64}
+    return write_jsonl(path, [{"line": i + 1, "conversations": [q], "prompt": q, "answer": a, "prompt_tokens": 9,
+                               "answer_tokens": 9, "stopped": True, "settings": settings}
+                              for i, (q, a) in enumerate(zip(QUESTIONS, answers))])
+
+
+def build_judge_checkpoint(path) -> str:
+    """A tiny random LLaMA (configs/tiny.py's demo tokenizer) tilted to answer with a digit: the
+    output head's digit columns get a large weight on one direction that the end-of-turn
+    token's embedding (the last token a chat model reads) sets, plus random weights on the
+    rest, and attention carries the prompt into the last position. Its first token is then
+    a verdict digit whose probabilities depend on the prompt: readable from logprobs and text,
+    with no training."""
+    import jax
+    import sentencepiece as spm
+
+    from lima_jax import checkpoint
+    from lima_jax.config import model_config
+    from lima_jax.data.demo import DEMO_PIECES, build_demo_tokenizer
+    from lima_jax.model import init_params
+    from tests.tiny_run import tiny_config
+
+    config = tiny_config()
+    config.model.update(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=768)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    cfg = model_config(config)
+    params = jax.tree_util.tree_map(np.array, init_params(cfg, jax.random.key(0)))
+    digits = [spm.SentencePieceProcessor(model_file=build_demo_tokenizer()).piece_to_id(d) for d in "0123456"]
+    rng = np.random.default_rng(0)
+    params["embed"] *= 10.0
+    params["embed"][DEMO_PIECES, 0] = 10.0  # EOT = DEMO_PIECES
+    params["layers"]["attn"]["wv"] *= 10.0
+    params["layers"]["attn"]["wo"] *= 10.0
+    params["lm_head"][0, digits] = 2.0
+    params["lm_head"][1:, digits] = rng.normal(0.0, 10.0, (cfg.dim - 1, len(digits)))
+    meta = checkpoint.CheckpointMeta(model={}, config=json.loads(config.to_json_best_effort()))
+    return str(checkpoint.save_params(path, params, meta))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def judge_server(tmp_path_factory):
+    """The URL of launch/serve.py serving the tiny judge (one CPU device, 8 slots), stopped after the module."""
+    folder = tmp_path_factory.mktemp("judge")
+    ckpt = build_judge_checkpoint(folder / "judge")
+    port, log = free_port(), (folder / "serve.log").open("w")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt, "--port",
+                             str(port), "--slots", "8", "--model_name", "tiny-judge"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
+    try:
+        while True:
+            assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "serve.py did not start in 300 s:\n" + (folder / "serve.log").read_text()
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+class JudgeProxy:
+    """A real HTTP server in front of the judge: forwards every request, counts the chat
+    completions forwarded, and answers 503 instead to the next `fail_next` of them, or to
+    every one once `fail_after` have been forwarded (an outage in the middle of a run)."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.forwarded, self.failed = upstream, 0, 0
+        self.fail_next, self.fail_after = 0, None
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if proxy._should_fail():
+                    self._send(503, json.dumps({"error": {"message": "overloaded", "type": "server_error"}}).encode())
+                    return
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
+                                                 headers={"content-type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        self._send(response.status, response.read())
+                except urllib.error.HTTPError as e:
+                    self._send(e.code, e.read())
+
+            def _send(self, status: int, data: bytes):
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def _should_fail(self) -> bool:
+        with self._lock:
+            if self.fail_next > 0 or (self.fail_after is not None and self.forwarded >= self.fail_after):
+                self.fail_next = max(self.fail_next - 1, 0)
+                self.failed += 1
+                return True
+            self.forwarded += 1
+            return False
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(judge_server):
+    p = JudgeProxy(judge_server)
+    yield p
+    p.close()
+
+
+def judge_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}  # a local server needs no key
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "judge.py"), *args, "--judge_model", "tiny-judge",
+                           "--noprogress", "--backoff_s", "0.01"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def judge_for(url: str, cache_path, **settings):
+    from lima_jax.evaluation.client import Judge
+
+    return Judge(JudgeSettings(url=url, model="tiny-judge", backoff_s=0.01, **settings), ReplyCache(str(cache_path)),
+                 progress=False)
+
+
+def test_pairwise_counts_add_up_and_a_rerun_sends_nothing(proxy, tmp_path):
+    ours, theirs = answers_file(tmp_path / "ours.jsonl", OURS), answers_file(tmp_path / "theirs.jsonl", THEIRS)
+    out = tmp_path / "judged"
+    args = ["pairwise", "--answers", ours, "--baseline", theirs, "--judge_url", proxy.url, "--out", str(out)]
+    first = judge_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert summary["wins"] + summary["ties"] + summary["losses"] == summary["prompts"] == len(rows) == len(QUESTIONS)
+    assert [r["outcome"] for r in rows].count("win") == summary["wins"]
+    assert summary["verdict_sources"] == {"logprobs": 2 * len(QUESTIONS)}  # read from the served top_logprobs
+    assert all(r["p_ours"] + r["p_tie"] + r["p_baseline"] == pytest.approx(1.0) for r in rows)
+    assert sum(summary["shares"][k]["share"] for k in ("wins", "ties", "losses")) == pytest.approx(1.0)
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert proxy.forwarded == 2 * len(QUESTIONS) and summary["requests"]["sent"] == 2 * len(QUESTIONS)
+    assert "| ours vs theirs | 6 |" in first.stdout
+
+    again = judge_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert proxy.forwarded == 2 * len(QUESTIONS)  # nothing reached the server
+    assert f"0 requests sent (0 retries), {2 * len(QUESTIONS)} answered from" in again.stdout
+    assert json.loads((out / "summary.json").read_text())["wins"] == summary["wins"]
+
+
+def test_answers_judged_against_themselves_come_out_even(proxy, tmp_path):
+    from lima_jax.evaluation.pairwise import run_pairwise
+
+    ours = answers_file(tmp_path / "ours.jsonl", OURS)
+    judge = judge_for(proxy.url, tmp_path / "cache.jsonl")
+    summary = run_pairwise(judge, ours, ours, str(tmp_path / "out"), resamples=200)
+    assert summary["wins"] == summary["losses"] and summary["prompts"] == len(QUESTIONS)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
+    # the judge does prefer a position: without the second order these would be wins or losses
+    assert any(r["ours_first"]["winner"] in ("first", "second") for r in rows)
+    assert judge.sent == len(QUESTIONS)  # both orders are one identical request
+
+
+def test_503s_are_retried(proxy, tmp_path):
+    from lima_jax.evaluation.likert import run_likert
+
+    ours = answers_file(tmp_path / "ours.jsonl", OURS)
+    proxy.fail_next = 3
+    judge = judge_for(proxy.url, tmp_path / "cache.jsonl", concurrency=2)
+    summary = run_likert(judge, ours, str(tmp_path / "out"), resamples=200)
+    assert proxy.failed == 3 and judge.retries == 3 and judge.sent == len(QUESTIONS) + 3
+    assert summary["graded"] == len(QUESTIONS) and summary["verdict_sources"] == {"logprobs": len(QUESTIONS)}
+    assert 1 <= summary["mean"]["mean"] <= 6 and sum(summary["distribution"].values()) == len(QUESTIONS)
+
+
+def test_an_outage_stops_the_run_and_a_rerun_resumes(proxy, tmp_path):
+    ours = answers_file(tmp_path / "ours.jsonl", OURS)
+    out = tmp_path / "likert"
+    args = ["likert", "--answers", ours, "--judge_url", proxy.url, "--out", str(out), "--concurrency", "1",
+            "--max_attempts", "2", "--nologprobs", "--max_tokens", "1"]
+    proxy.fail_after = 4
+    failed = judge_cli(*args)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "failed 2 times, last: HTTP 503" in failed.stderr and "4 replies are cached" in failed.stderr
+    assert not (out / "summary.json").exists()
+    proxy.fail_after = None
+    resumed = judge_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert proxy.forwarded == len(QUESTIONS)  # 4 before the outage, the other 2 after
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict_sources"] == {"text": len(QUESTIONS)}  # no logprobs asked: the digit in the text
+    assert summary["graded"] == len(QUESTIONS)
+
+
+def test_select_recommends_a_kept_checkpoint(proxy, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "dev_samples").mkdir(parents=True)
+    for epoch, answers in ((5, THEIRS), (6, OURS), (7, [a + " Hope this helps!" for a in OURS])):
+        write_jsonl(workdir / "dev_samples" / f"epoch{epoch:02d}_step{epoch * 4}.jsonl",
+                    [{"epoch": epoch, "step": epoch * 4, "prompt": q, "answer": a, "answer_tokens": 5, "stopped": True}
+                     for q, a in zip(QUESTIONS[:3], answers)])
+        (workdir / "checkpoints" / str(epoch * 4)).mkdir(parents=True, exist_ok=epoch != 7)
+    write_jsonl(workdir / "metrics.jsonl", [{"step": e * 4, "epoch": e, "dev_loss": 2.0 - e / 10} for e in (5, 6, 7)])
+    (workdir / "checkpoints" / "28").rmdir()  # epoch 7's checkpoint was not kept
+    out = tmp_path / "select"
+    done = judge_cli("select", "--workdir", str(workdir), "--judge_url", proxy.url, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    table = {row["epoch"]: row for row in summary["table"]}
+    assert sorted(table) == [5, 6, 7] and all(r["meetings"] == 6 for r in table.values())  # 2 opponents x 3 prompts
+    assert sum(r["wins"] for r in table.values()) == sum(r["losses"] for r in table.values())  # every meeting mirrored
+    assert table[7]["checkpoint"] is None and table[6]["dev_loss"] == pytest.approx(1.4)
+    assert summary["recommended"]["epoch"] in (5, 6)
+    assert summary["recommended"]["checkpoint"] == str(workdir / "checkpoints" / str(summary["recommended"]["epoch"] * 4))
+    assert proxy.forwarded == 3 * 3 * 2  # 3 meetings x 3 prompts x 2 orders
+    assert "**recommended**" in done.stdout
