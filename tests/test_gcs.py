@@ -87,12 +87,11 @@ def child_env(gcs, **extra):
                 XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
 
 
-def run(gcs, *args, timeout=300):
+def run(gcs, *args, timeout=300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], env=child_env(gcs), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
 
 
 def test_gcsfs_and_tensorstore_read_what_the_other_wrote(server):
@@ -137,11 +136,12 @@ def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
     workdir = f"gs://{BUCKET}/run"
 
     def train(*overrides):
-        return run(server, "launch/tpu_train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+        proc = run(server, "launch/tpu_train.py", "--config", "configs/tiny.py", "--workdir", workdir,
                    f"--config.data.train_path=gs://{BUCKET}/data/train.jsonl",
                    f"--config.data.tokenizer_path=gs://{BUCKET}/data/tokenizer.model",
                    "--config.train.epochs=2", "--config.train.compilation_cache_dir=",
                    "--config.train.sample_dev_prompts=0", *overrides)
+        return proc.stdout + proc.stderr
 
     first = train("--config.train.max_steps=3")  # the first of 2 epochs (3 steps each)
     assert "resuming" not in first
@@ -157,9 +157,17 @@ def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
     assert len([r for r in rows if "dev_loss" in r]) == 2
     assert files.ls(f"{BUCKET}/run/tensorboard") and files.exists(f"{BUCKET}/run/config.json")
 
-    answer = run(server, "launch/sample.py", "--checkpoint", workdir, "--prompt", "What is a bucket?", "--greedy",
-                 "--max_new_tokens", "8")
-    assert "answer tokens" in answer
+    greedy = ("--greedy", "--max_new_tokens", "8")
+    single = run(server, "launch/sample.py", "--checkpoint", workdir, "--prompt", "What is 25 plus 26?", "--nostream",
+                 *greedy)
+    assert "answer tokens" in single.stderr  # the answer itself may be empty: 6 steps of training
+    # A prompts file and the answers in the bucket, one batch at a time: two rewrites of the object.
+    prompts = ["What is 25 plus 26?", "Which is larger, 344 or 757?"]
+    files.pipe(f"{BUCKET}/prompts.jsonl", "".join(json.dumps({"conversations": [p]}) + "\n" for p in prompts).encode())
+    run(server, "launch/sample.py", "--checkpoint", workdir, "--prompts", f"gs://{BUCKET}/prompts.jsonl",
+        "--output", f"gs://{BUCKET}/out/answers.jsonl", "--batch_size", "1", *greedy)
+    answers = [json.loads(line) for line in files.cat(f"{BUCKET}/out/answers.jsonl").decode().splitlines()]
+    assert len(answers) == 2 and answers[0]["answer"] == single.stdout
 
 
 def checkpoint_steps(files) -> list[int]:
