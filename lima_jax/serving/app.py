@@ -48,7 +48,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "slots": engine.num_slots, "active": engine.active}
+        return {"status": "ok", "model": model_name, "slots": engine.num_slots, "active": engine.active,
+                "peak_active": engine.peak_active, "steps": engine.steps}
 
     @app.get("/v1/models")
     async def models():

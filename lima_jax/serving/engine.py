@@ -88,6 +88,7 @@ class Engine:
         self._next_rid, self._lock = 0, threading.Lock()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_active = 0  # the most requests decoded together so far (/health reports it)
 
     # ---- the caller's side (any thread) ----
 
@@ -185,6 +186,7 @@ class Engine:
             self._state = insert(self.cfg, self.sampler.params, self._state, self._insert_rows(batch, slots))
             for (rid, request), index in zip(batch, slots):
                 self._slots[index] = _Slot(rid, request.max_tokens)
+        self.peak_active = max(self.peak_active, self.active)
 
     def _insert_rows(self, batch: list[tuple[int, Request]], slots: list[int]) -> dict:
         rows, vocab = self.group, self.cfg.padded_vocab_size
