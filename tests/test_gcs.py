@@ -114,6 +114,22 @@ def test_gcsfs_and_tensorstore_read_what_the_other_wrote(server):
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
 
 
+def test_local_copy_of_a_bucket_folder(server):
+    from lima_jax import storage
+
+    files = fs(server)
+    files.pipe({f"{BUCKET}/weights/params.json": b"{}", f"{BUCKET}/weights/sub/shard.bin": b"\x00" * 1000})
+    with storage.local_copy(f"gs://{BUCKET}/weights") as local:
+        assert os.path.basename(local) == "weights"
+        assert open(os.path.join(local, "params.json"), "rb").read() == b"{}"
+        assert open(os.path.join(local, "sub", "shard.bin"), "rb").read() == b"\x00" * 1000
+    assert not os.path.exists(local)
+    with storage.local_copy(f"gs://{BUCKET}/weights/params.json") as local:
+        assert open(local, "rb").read() == b"{}"
+    with storage.local_copy("configs") as local:
+        assert local == os.path.abspath("configs")
+
+
 def test_no_bucket_type_probe(server):
     """With credentials (here anonymous ones, as fsspec passes them), gcsfs 2026 would first ask
     the bucket's type over gRPC and wait 60 s against this HTTP-only server."""
