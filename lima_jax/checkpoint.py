@@ -81,7 +81,10 @@ class CheckpointMeta:
     converted without it. tokenizer: the SentencePiece model proto the weights were trained
     with (bytes; None if unknown), so sampling and export never guess. config: the training
     config (training checkpoints). run: the run-defining values a resume must match.
-    source: where the weights came from ("train", or a conversion record)."""
+    source: where the weights came from ("train", or a conversion record). lora: in a LoRA
+    training checkpoint, whose `params` are the adapters only (megabytes), their settings (rank,
+    alpha, dropout, targets, base_dtype) and the frozen base they apply to: `base_checkpoint`
+    (a converted checkpoint; "" for the random init of `base_seed`); None otherwise."""
 
     model: dict
     step: int = 0
@@ -90,6 +93,7 @@ class CheckpointMeta:
     config: dict | None = None
     run: dict | None = None
     source: dict = dataclasses.field(default_factory=dict)
+    lora: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

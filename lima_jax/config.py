@@ -8,6 +8,7 @@ anything is compiled, so a config that cannot work fails with a message naming t
 import ml_collections
 
 from lima_jax.model.config import ModelConfig
+from lima_jax.model.lora import LoraConfig
 from lima_jax.sharding import resolve_mesh_shape
 
 
@@ -63,6 +64,15 @@ def base_config() -> ml_collections.ConfigDict:
         accept_changed=(),  # run-defining keys a resume may change deliberately, e.g. ("train.epochs",)
     ))
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
+    # LoRA (lima_jax/model/lora.py): rank > 0 trains low-rank adapters on these projections and
+    # freezes the base (init_checkpoint) in base_dtype; the optimizer sees the adapters only.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,  # 0: full fine-tuning
+        alpha=16.0,  # the adapters' update is scaled by alpha / rank
+        dropout=0.0,  # on the adapters' input (training only)
+        targets=("q", "k", "v", "o", "gate", "up", "down"),
+        base_dtype="bfloat16",  # the frozen base: bfloat16, float32, or int8 with per-channel scales
+    ))
     return c
 
 
@@ -76,6 +86,14 @@ def set_llama(c: ml_collections.ConfigDict, *, dim, n_layers, n_heads, ffn_dim, 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_config(c.model)
+
+
+def lora_config(c: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The LoRA settings, or None for full fine-tuning (rank 0, or a config from before LoRA)."""
+    rank = c.get("lora", {}).get("rank", 0)
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"config.lora.rank={rank!r}: 0 (full fine-tuning) or a positive rank")
+    return LoraConfig.from_config(c.get("lora"))
 
 
 # Counts that must be at least this (config key -> minimum).
@@ -104,6 +122,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         if not c[section][name] >= 0:
             raise ValueError(f"config.{key}={c[section][name]!r}: must be >= 0")
+    lora_config(c)  # raises ValueError naming the config.lora key
     unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]
     if unknown:
         raise ValueError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "
@@ -113,7 +132,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 # What defines a run: a resume must match these (or list them in config.train.accept_changed).
 # The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
-                "data.examples_per_step", "train.epochs", "optimizer")
+                "data.examples_per_step", "train.epochs", "optimizer", "lora")
 _MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
 
 
@@ -123,7 +142,14 @@ def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: st
     return {"seed": c.seed, "model": model, "data.train": train_digest, "data.dev": dev_digest,
             "data.sources": sorted(c.data.sources), "data.dev_size": 0 if c.data.dev_path else c.data.dev_size,
             "data.seq_len": c.data.seq_len, "data.examples_per_step": c.data.examples_per_step,
-            "train.epochs": c.train.epochs, "optimizer": c.optimizer.to_dict()}
+            "train.epochs": c.train.epochs, "optimizer": c.optimizer.to_dict(), **lora_identity(c)}
+
+
+def lora_identity(c: ml_collections.ConfigDict) -> dict:
+    """A LoRA run is defined by its adapters' settings and by the base they adapt; a full
+    fine-tuning run's identity has no `lora` entry (as before LoRA existed)."""
+    lora = lora_config(c)
+    return {} if lora is None else {"lora": dict(lora.to_dict(), base=c.init_checkpoint)}
 
 
 def is_accepted(key: str, accepted) -> bool:

@@ -48,6 +48,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tensor",)),
     ("norm", ()),
+    ("lora_rank", ()),  # LoRA adapters: the small rank axis is replicated, the others shard as the base's
     # KV cache for sampling
     ("cache_layers", ()),
     ("cache_batch", ("data", "fsdp")),

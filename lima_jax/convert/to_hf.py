@@ -11,6 +11,7 @@ config, so the shards are planned up front (at most `max_shard_bytes` each, whol
 order), each file's header is written first and each HF tensor is then read alone from the
 checkpoint (`checkpoint.ParamsReader`: one layer's slice of a stacked leaf), converted and
 appended. Host memory is about one layer's tensor, whatever the depth or the shard size.
+A LoRA checkpoint exports merged: its base's tensors plus the adapters (`params_reader`).
 """
 
 import json
@@ -127,7 +128,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     eot_id = _eot_id(meta, cfg, proto)
     tok_files = {} if proto is None else hf_tokenizer_files(proto, eot_id, cfg.vocab_size, cfg.max_seq_len)
     bound_heap()
-    reader = checkpoint.ParamsReader(checkpoint_path)
+    reader = params_reader(checkpoint_path, meta)
     abstract = abstract_params(cfg)
     for entry in LAYOUT:  # the checkpoint holds what its meta says, before anything is written
         stored, spec = reader.array(entry.path), get_path(abstract, entry.path)
@@ -166,6 +167,15 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         shutil.rmtree(out)
     tmp.rename(out)
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
+
+
+def params_reader(checkpoint_path, meta: checkpoint.CheckpointMeta):
+    """The checkpoint's tensors; for a LoRA checkpoint, its base's with the adapters merged in."""
+    if not meta.lora:
+        return checkpoint.ParamsReader(checkpoint_path)
+    from lima_jax.convert.lora_export import MergedReader
+
+    return MergedReader(checkpoint_path, meta)
 
 
 def _np_dtype(name: str):

@@ -7,6 +7,8 @@
   reads x (q, k and v; gate and up), and the weight gradients x^T @ dy read the copy: XLA:CPU
   hands a dot to its fast matmul library only in that operand order. An optimization barrier
   keeps XLA from folding the transpose back into the dot. Chosen per backend (lima_jax.backend).
+- LoRA: a `LoraWeight` (lima_jax.model.lora) in place of a weight adds its low-rank term
+  x a b * scale to that output; the frozen base goes through the same matmuls as any weight.
 Measurements: docs/benchmarks.md.
 """
 
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lima_jax import backend
+from lima_jax.model.lora import LoraWeight, base_weight
 
 
 def dense(x: jax.Array, w: jax.Array | tuple[jax.Array, ...], axes: int = 1, transposed_wgrad: bool | None = None,
@@ -26,12 +29,15 @@ def dense(x: jax.Array, w: jax.Array | tuple[jax.Array, ...], axes: int = 1, tra
     `transposed_wgrad`: None is the backend's choice. `out_dtype`: the matmul's result type
     (float32 logits from bfloat16 operands)."""
     ws = w if isinstance(w, tuple) else (w,)
-    k = math.prod(ws[0].shape[:axes])
+    bases = tuple(base_weight(w_) for w_ in ws)  # a LoraWeight's frozen part; its adapter is added below
+    k = math.prod(bases[0].shape[:axes])
     if transposed_wgrad is None:
         transposed_wgrad = backend.tuning().transposed_wgrad
     matmuls = _matmuls_transposed_wgrad if transposed_wgrad else _matmuls
-    flat = matmuls(x.reshape(-1, k), tuple(w_.reshape(k, -1) for w_ in ws), out_dtype)
-    ys = tuple(y.reshape(*x.shape[:x.ndim - axes], *w_.shape[axes:]) for y, w_ in zip(flat, ws))
+    x_flat = x.reshape(-1, k)
+    flat = matmuls(x_flat, tuple(b.reshape(k, -1) for b in bases), out_dtype)
+    flat = tuple(y + w_.delta(x_flat).astype(y.dtype) if isinstance(w_, LoraWeight) else y for y, w_ in zip(flat, ws))
+    ys = tuple(y.reshape(*x.shape[:x.ndim - axes], *b.shape[axes:]) for y, b in zip(flat, bases))
     return ys if isinstance(w, tuple) else ys[0]
 
 

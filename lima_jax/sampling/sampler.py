@@ -205,7 +205,8 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
     The tokenizer is `tokenizer_path` if given, else the one stored in the checkpoint, else
     `config.data.tokenizer_path`; the demo tokenizer only when the checkpoint's own config says
     tokenizer_path "" (the tiny demo). A checkpoint with none of these is refused. The
-    tokenizer must fit the weights (`_check_tokenizer_fits`), else ValueError."""
+    tokenizer must fit the weights (`_check_tokenizer_fits`), else ValueError. A LoRA checkpoint
+    loads its base and merges its adapters in (`_merged_lora_params`)."""
     import ml_collections
 
     from lima_jax import checkpoint
@@ -229,8 +230,34 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
     _check_tokenizer_fits(tokenizer, origin, cfg.vocab_size, meta.eot_id, checkpoint_path)
     mesh = make_mesh(config.mesh)
     shardings = named_shardings(param_logical_axes(cfg), mesh)
-    params = checkpoint.restore_params(checkpoint_path, abstract_params(cfg), shardings)
+    if meta.lora:
+        params = _merged_lora_params(checkpoint_path, meta, cfg, mesh, shardings)
+    else:
+        params = checkpoint.restore_params(checkpoint_path, abstract_params(cfg), shardings)
     return Sampler(cfg, params, tokenizer, mesh), config
+
+
+def _merged_lora_params(checkpoint_path, meta, cfg: ModelConfig, mesh: Mesh, shardings) -> dict:
+    """A LoRA checkpoint's model for decoding: its base (`meta.lora`: a checkpoint, or the random
+    init of a seed) as training held it, with the adapters merged in, W + a b * alpha / rank,
+    in `cfg.param_dtype`."""
+    from lima_jax import checkpoint
+    from lima_jax.model import abstract_params, init_params, lora as lora_lib
+    from lima_jax.sharding import named_shardings
+
+    lora = lora_lib.LoraConfig.from_record(meta.lora)
+    adapters = checkpoint.restore_params(checkpoint_path, lora_lib.abstract_adapters(cfg, lora),
+                                         named_shardings(lora_lib.adapter_logical_axes(cfg, lora), mesh))
+    base_path = meta.lora.get("base_checkpoint")
+    if base_path:
+        dtype = "float32" if lora.base_dtype == "float32" else "bfloat16"  # an int8 base is quantized from bfloat16
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params(cfg))
+        base = checkpoint.restore_params(base_path, abstract, shardings)
+    else:
+        base = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(meta.lora["base_seed"]))
+    merge = jax.jit(lambda p, a: lora_lib.merged(lora_lib.frozen_base(p, lora), a, lora, cfg.weight_dtype),
+                    out_shardings=shardings, donate_argnums=0)
+    return merge(base, adapters)
 
 
 def _checkpoint_tokenizer(checkpoint_path, meta, config, tokenizer_path: str | None) -> tuple[object, str]:

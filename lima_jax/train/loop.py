@@ -20,11 +20,11 @@ from lima_jax import checkpoint as ckpt, config as config_lib
 from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
 from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_proto
-from lima_jax.model import flops_per_token, init_params
-from lima_jax.sharding import BatchLayout, make_mesh, num_slices
+from lima_jax.model import abstract_params, flops_per_token, init_params, lora as lora_lib, param_logical_axes
+from lima_jax.sharding import BatchLayout, make_mesh, named_shardings, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.program import TrainProgram, batch_layout_for, build_program
-from lima_jax.train.step import TrainState
+from lima_jax.train.step import TrainState, model_params
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,7 +108,8 @@ def prepare(config, workdir) -> Run:
     mesh = make_mesh(config.mesh, context=layout.context)
     program = build_program(config, model_cfg, mesh, plan.total_steps)
 
-    # Packing streams the epochs back to back, so an epoch "ends" at its share of the steps.
+    # Steps take the epochs back to back, examples_per_step at a time, so a step can hold the end
+    # of one epoch and the start of the next: an epoch "ends" at its share of the steps.
     epochs = plan.epochs
     epoch_ends = [round(plan.total_steps * e / epochs) for e in range(1, epochs + 1)]
     keep = [epoch_ends[e - 1] for e in config.train.keep_epochs if 0 < e <= epochs]
@@ -175,17 +176,23 @@ def check_resume(run: Run) -> None:
 
 def restore_or_init(run: Run) -> TrainState:
     """Resume from the newest good checkpoint in the work dir, else start from
-    `config.init_checkpoint` (converted weights) or from a random init."""
+    `config.init_checkpoint` (converted weights) or from a random init. Under LoRA the work dir
+    holds the adapters only: the frozen base is read again at every start (`load_base`)."""
     program, config = run.program, run.config
     abstract, shardings = program.abstract_state, program.state_shardings
+    base = None if program.lora is None else load_base(run)
     restored = ckpt.restore_train_state(run.manager, ckpt.target_tree(abstract.params, shardings.params),
                                         ckpt.target_tree(abstract.opt_state, shardings.opt_state), run.train_iter,
                                         warn=lambda m: log(f"warning: {m}"))
     if restored is not None:
         step, params, opt_state, _ = restored
         log(f"resuming from {run.manager.directory}/{step}")
-        return TrainState(jax.device_put(jnp.int32(step), shardings.step), params, opt_state)
-    if config.init_checkpoint:
+        return TrainState(jax.device_put(jnp.int32(step), shardings.step), params, opt_state, base)
+    if program.lora is not None:
+        log(f"LoRA adapters: rank {program.lora.rank} on {', '.join(program.lora.targets)}, b = 0 (starts as the base)")
+        params = jax.jit(lora_lib.init_adapters, static_argnums=(0, 1), out_shardings=shardings.params)(
+            program.model_cfg, program.lora, jax.random.fold_in(jax.random.key(config.seed), lora_lib.INIT_STREAM))
+    elif config.init_checkpoint:
         log(f"initial weights from {config.init_checkpoint}")
         params = ckpt.restore_params(config.init_checkpoint, abstract.params, shardings.params)
     else:
@@ -193,7 +200,24 @@ def restore_or_init(run: Run) -> TrainState:
         params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(
             program.model_cfg, jax.random.key(config.seed))
     opt_state = jax.jit(program.optimizer.init, out_shardings=shardings.opt_state)(params)
-    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state)
+    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state, base)
+
+
+def load_base(run: Run) -> dict:
+    """A LoRA run's frozen base in `lora.base_dtype`, on the state's shardings: the weights of
+    `config.init_checkpoint`, or the seed's random init (full fine-tuning's)."""
+    program, config, lora = run.program, run.config, run.program.lora
+    cfg, mesh = program.model_cfg, program.mesh
+    dense_shardings = named_shardings(param_logical_axes(cfg), mesh)
+    to_base = jax.jit(lambda p: lora_lib.frozen_base(p, lora), out_shardings=program.state_shardings.base,
+                      donate_argnums=0)
+    if config.init_checkpoint:
+        log(f"LoRA base (frozen, {lora.base_dtype}) from {config.init_checkpoint}")
+        dtype = jnp.float32 if lora.base_dtype == "float32" else jnp.bfloat16  # int8 is quantized from bfloat16
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params(cfg))
+        return to_base(ckpt.restore_params(config.init_checkpoint, abstract, dense_shardings))
+    log(f"LoRA base (frozen, {lora.base_dtype}): random init of seed {config.seed}")
+    return to_base(jax.jit(init_params, static_argnums=0, out_shardings=dense_shardings)(cfg, jax.random.key(config.seed)))
 
 
 def log_plan(run: Run) -> None:
@@ -284,8 +308,16 @@ def save(run: Run, step: int, state: TrainState, train_iter) -> None:
     meta = ckpt.CheckpointMeta(
         model=dict(run.program.model_cfg.__dict__), step=step, eot_id=run.data.tokenizer.eot_id,
         tokenizer=run.data.tokenizer.sp.serialized_model_proto(), config=json.loads(run.config.to_json_best_effort()),
-        run=run.identity, source={"from": "train"})
+        run=run.identity, source={"from": "train"}, lora=lora_record(run))
     ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta)
+
+
+def lora_record(run: Run) -> dict | None:
+    """What a LoRA checkpoint's adapters need besides themselves: their settings and their base."""
+    lora = run.program.lora
+    if lora is None:
+        return None
+    return dict(lora.to_dict(), base_checkpoint=run.config.init_checkpoint, base_seed=run.config.seed)
 
 
 def end_of_epoch(run: Run, step: int, state: TrainState, writer: MetricsWriter) -> None:
@@ -295,12 +327,12 @@ def end_of_epoch(run: Run, step: int, state: TrainState, writer: MetricsWriter) 
     epoch = run.epoch_ends.index(step) + 1
     total = count = 0.0
     for batch in pipeline.dev_batches(run.data, run.plan):
-        t, c = run.program.eval_step(state.params, pipeline.global_batch(batch, run.program.mesh))
+        t, c = run.program.eval_step(state.params, pipeline.global_batch(batch, run.program.mesh), state.base)
         total, count = total + float(t), count + float(c)
     loss = total / max(count, 1.0)
     writer.write(step, {"epoch": epoch, "dev_loss": loss, "dev_perplexity": float(np.exp(loss))})
     log(f"epoch {epoch}: dev loss {loss:.4f}, perplexity {np.exp(loss):.2f}")
-    sample_dev_answers(run, state.params, step, epoch)
+    sample_dev_answers(run, model_params(state.params, state.base, run.program.lora), step, epoch)
 
 
 def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:

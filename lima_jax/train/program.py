@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from lima_jax import config as config_lib
 from lima_jax.backend import compiler_options
 from lima_jax.data.pipeline import FEATURES, batch_sharding
-from lima_jax.model import ModelConfig
+from lima_jax.model import ModelConfig, lora as lora_lib
 from lima_jax.sharding import BatchLayout, batch_layout, num_slices, resolve_mesh_shape
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
@@ -20,6 +21,7 @@ from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
     model_cfg: ModelConfig
+    lora: lora_lib.LoraConfig | None  # None: full fine-tuning
     mesh: Mesh
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
@@ -27,7 +29,7 @@ class TrainProgram:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     train_step: jax.stages.Wrapped  # (state, batch, dropout_key) -> (state, metrics); donates the state
-    eval_step: jax.stages.Wrapped  # (params, batch) -> (summed loss, target tokens)
+    eval_step: jax.stages.Wrapped  # (params, batch, base) -> (summed loss, target tokens); base None unless LoRA
 
     def abstract_batch(self, rows: int, seq_len: int) -> dict:
         """The batch the steps are compiled for: [rows, seq_len] of each feature."""
@@ -46,14 +48,16 @@ class TrainProgram:
 def build_program(config, model_cfg: ModelConfig, mesh: Mesh, total_steps: int) -> TrainProgram:
     schedule = learning_rate_schedule(config.optimizer, total_steps)
     optimizer = make_optimizer(config.optimizer, schedule)
-    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh)
+    lora = config_lib.lora_config(config)
+    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh, lora)
     batch = batch_sharding(mesh)
     replicated = state_shardings.step
-    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps),
+    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps, lora),
                          in_shardings=(state_shardings, batch, replicated), out_shardings=(state_shardings, replicated),
                          donate_argnums=0, compiler_options=compiler_options(mesh.devices.flat[0].platform))
-    eval_step = jax.jit(make_eval_step(model_cfg), in_shardings=(state_shardings.params, batch))
-    return TrainProgram(model_cfg, mesh, optimizer, schedule, abstract_state, state_shardings, batch, train_step,
+    eval_step = jax.jit(make_eval_step(model_cfg, lora), in_shardings=(state_shardings.params, batch,
+                                                                       state_shardings.base))
+    return TrainProgram(model_cfg, lora, mesh, optimizer, schedule, abstract_state, state_shardings, batch, train_step,
                         eval_step)
 
 

@@ -4,6 +4,9 @@ explicit shardings and a donated state by the loop.
 Gradients are taken of the summed token loss and divided once by the step's number of
 target tokens, so gradient accumulation gives the same update as one large batch and every
 target token weighs the same however the examples were packed.
+
+With LoRA (`lora` given), `params` are the adapters, the only tree differentiated and
+optimized; the frozen base rides in the state as `base` and is returned untouched.
 """
 
 from typing import NamedTuple
@@ -13,41 +16,55 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lima_jax.model import abstract_params, param_logical_axes
+from lima_jax.model import abstract_params, lora as lora_lib, param_logical_axes
 from lima_jax.sharding import constrain, named_shardings
 from lima_jax.train import loss as loss_lib
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict
+    params: dict  # what the optimizer updates: the model, or the LoRA adapters
     opt_state: optax.OptState
+    base: dict | None = None  # LoRA: the frozen base (never differentiated); None in full fine-tuning
 
 
-def abstract_train_state(model_cfg, optimizer, mesh: Mesh) -> tuple[TrainState, TrainState]:
+def abstract_train_state(model_cfg, optimizer, mesh: Mesh, lora: lora_lib.LoraConfig | None = None
+                         ) -> tuple[TrainState, TrainState]:
     """(ShapeDtypeStructs, shardings) of the train state: the optimizer moments follow their
     parameters' shardings; optimizer scalars (counts) are replicated."""
-    params = abstract_params(model_cfg)
-    param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
+    if lora is None:
+        params, axes, base, base_shardings = abstract_params(model_cfg), param_logical_axes(model_cfg), None, None
+    else:
+        params, axes = lora_lib.abstract_adapters(model_cfg, lora), lora_lib.adapter_logical_axes(model_cfg, lora)
+        base = lora_lib.abstract_base(model_cfg, lora)
+        base_shardings = named_shardings(lora_lib.base_logical_axes(model_cfg, lora), mesh)
+    param_shardings = named_shardings(axes, mesh)
     replicated = NamedSharding(mesh, P())
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
                                           transform_non_params=lambda _: replicated)
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
-    return abstract, TrainState(replicated, param_shardings, opt_shardings)
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state, base)
+    return abstract, TrainState(replicated, param_shardings, opt_shardings, base_shardings)
 
 
-def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1):
-    def summed_loss(params, batch, key):
-        _, (total, count) = loss_lib.lm_loss(model_cfg, params, batch, key)
+def model_params(params: dict, base: dict | None, lora: lora_lib.LoraConfig | None,
+                 dropout_key: jax.Array | None = None) -> dict:
+    """The weights the model runs on: `params` itself, or under LoRA the base with the adapters attached."""
+    return params if lora is None else lora_lib.attach(base, params, lora, dropout_key)
+
+
+def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1,
+                    lora: lora_lib.LoraConfig | None = None):
+    def summed_loss(params, batch, key, base):
+        _, (total, count) = loss_lib.lm_loss(model_cfg, model_params(params, base, lora, key), batch, key)
         return total, count
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def gradients(params, batch, key):
+    def gradients(params, batch, key, base):
         """(summed loss, target tokens, summed gradients) over the whole batch."""
         if grad_accum_steps == 1:
-            (total, count), grads = grad_fn(params, batch, key)
+            (total, count), grads = grad_fn(params, batch, key, base)
             return total, count, grads
 
         # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps working on its rows.
@@ -57,7 +74,7 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
 
         def accumulate(carry, xs):
             micro, index = xs
-            (total, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            (total, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index), base)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -65,7 +82,7 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
         return carry
 
     def train_step(state: TrainState, batch: dict, dropout_key: jax.Array):
-        total, count, grads = gradients(state.params, batch, jax.random.fold_in(dropout_key, state.step))
+        total, count, grads = gradients(state.params, batch, jax.random.fold_in(dropout_key, state.step), state.base)
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -81,7 +98,7 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
 
         params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
                                          state.params, state.opt_state, grads)
-        new_state = TrainState(state.step + finite.astype(state.step.dtype), params, opt_state)
+        new_state = TrainState(state.step + finite.astype(state.step.dtype), params, opt_state, state.base)
         metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                        target_tokens=count, real_tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
@@ -89,11 +106,12 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model_cfg):
-    """(summed loss, target tokens) of a batch without dropout: dev loss and perplexity."""
+def make_eval_step(model_cfg, lora: lora_lib.LoraConfig | None = None):
+    """(summed loss, target tokens) of a batch without dropout: dev loss and perplexity.
+    `base`: the frozen base under LoRA (then `params` are the adapters), else None."""
 
-    def eval_step(params, batch):
-        _, (total, count) = loss_lib.lm_loss(model_cfg, params, batch)
+    def eval_step(params, batch, base=None):
+        _, (total, count) = loss_lib.lm_loss(model_cfg, model_params(params, base, lora), batch)
         return total, count
 
     return eval_step

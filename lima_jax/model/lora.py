@@ -1,0 +1,281 @@
+"""LoRA: low-rank adapters trained beside a frozen base (Hu et al. 2021).
+
+The adapters are their own parameter tree, `{"layers": {"attn": {"wq": {"a", "b"}, ...}}}`:
+for a weight W [*in, *out] (stacked on `layers`), `a` [layers, *in, rank] and
+`b` [layers, rank, *out], so the layer computes x W + (x a) b * alpha / rank, b starting at
+zero (the adapted model starts as the base). Only this tree is differentiated and optimized.
+
+`attach(base, adapters)` puts a `LoraWeight` (base weight, a, b, scale) where each targeted
+weight was; the layers read it like an array and `dense` adds the low-rank term, so the model
+code has one path for both. The frozen base may be stored in bfloat16 or in int8 with one
+float32 scale per output channel (`QuantizedWeight`, dequantized as each layer reads it).
+
+Adapter names and layouts map one to one onto PEFT's (lora_A [rank, in], lora_B [out, rank]:
+`a.reshape(in, rank).T`, `b.reshape(rank, out).T`); see lima_jax.convert.lora_export.
+"""
+
+import dataclasses
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lima_jax.model.config import ModelConfig
+
+# config name -> (module, weight) in the params tree, and the weight's input dims count.
+TARGETS: dict[str, tuple[tuple[str, str], int]] = {
+    "q": (("attn", "wq"), 1), "k": (("attn", "wk"), 1), "v": (("attn", "wv"), 1), "o": (("attn", "wo"), 2),
+    "gate": (("mlp", "w1"), 1), "up": (("mlp", "w3"), 1), "down": (("mlp", "w2"), 1),
+}
+# Hugging Face module names of the targets (PEFT's `target_modules`).
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+BASE_DTYPES = ("bfloat16", "float32", "int8")
+QUANTIZED = tuple(path for path, _ in TARGETS.values())  # an int8 base stores every layer matrix quantized
+RANK_AXIS = "lora_rank"
+_DROPOUT_STREAM = zlib.crc32(b"lora_dropout")  # the adapters' dropout stream, apart from residual dropout's
+INIT_STREAM = zlib.crc32(b"lora_init")  # the adapters' init key: fold_in(key(seed), INIT_STREAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+    base_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"config.lora.rank={self.rank!r}: a positive rank (0 turns LoRA off)")
+        if not self.alpha > 0:
+            raise ValueError(f"config.lora.alpha={self.alpha!r}: must be > 0 (the update is scaled by alpha / rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config.lora.dropout={self.dropout!r}: must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"config.lora.targets={tuple(self.targets)!r}: distinct names among {tuple(TARGETS)}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"config.lora.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_config(cls, lora_cfg: Mapping[str, Any] | None) -> "LoraConfig | None":
+        """From `config.lora` (or a checkpoint's record of it); None when rank is 0 or absent."""
+        if not lora_cfg or not lora_cfg.get("rank"):
+            return None
+        values = dict(lora_cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config.lora keys: {unknown}")
+        values["targets"] = tuple(values.get("targets", tuple(TARGETS)))
+        return cls(**values)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> "LoraConfig | None":
+        """From a LoRA checkpoint's `meta.lora` (which also names the base); None when absent."""
+        if not record:
+            return None
+        return cls.from_config({f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), targets=list(self.targets))
+
+
+# ---- weights the layers read like arrays ----
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedWeight:
+    """An int8 weight with one scale per output channel: W = values * scale."""
+    values: jax.Array  # int8 [..., *in, *out]
+    scale: jax.Array  # float32, 1 on every input dim: [..., 1, ..., *out]
+
+    def __getitem__(self, index):  # nnx reads a parameter as `param[...]`
+        if index is not Ellipsis:
+            raise IndexError("a quantized weight is read whole")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def astype(self, dtype) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraWeight:
+    """A frozen weight with its adapter; `dense` computes x base + dropout(x) a b * scale."""
+    base: Any  # [*in, *out] array or QuantizedWeight
+    a: jax.Array  # [*in, rank]
+    b: jax.Array  # [rank, *out]
+    key: jax.Array | None  # the dropout key (None: no dropout)
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(metadata=dict(static=True))
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise IndexError("a LoRA weight is read whole")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    def astype(self, dtype) -> "LoraWeight":
+        return dataclasses.replace(self, base=self.base.astype(dtype), a=self.a.astype(dtype), b=self.b.astype(dtype))
+
+    def delta(self, x: jax.Array) -> jax.Array:
+        """The low-rank term for flat inputs x [N, in] -> [N, out]."""
+        if self.key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros_like(x))
+        rank = self.a.shape[-1]
+        return (x @ self.a.reshape(-1, rank)) @ self.b.reshape(rank, -1) * jnp.asarray(self.scale, x.dtype)
+
+
+def base_weight(w):
+    """The frozen part of a weight (itself when it has no adapter)."""
+    return w.base if isinstance(w, LoraWeight) else w
+
+
+# ---- the adapter tree ----
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def adapter_shapes(cfg: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """target -> (a shape, b shape), both with the leading layers axis."""
+    from lima_jax.model.transformer import abstract_params  # the base's shapes, written once there
+
+    base = abstract_params(cfg)["layers"]
+    out = {}
+    for name in lora.targets:
+        path, n_in = TARGETS[name]
+        shape = _get(base, path).shape  # [layers, *in, *out]
+        out[name] = ((shape[0], *shape[1:1 + n_in], lora.rank), (shape[0], lora.rank, *shape[1 + n_in:]))
+    return out
+
+
+def abstract_adapters(cfg: ModelConfig, lora: LoraConfig) -> dict:
+    """ShapeDtypeStructs of the adapters, in the model's param_dtype (what the optimizer updates)."""
+    tree: dict = {}
+    for name, (a, b) in adapter_shapes(cfg, lora).items():
+        path, _ = TARGETS[name]
+        _set(tree, ("layers", *path), {"a": jax.ShapeDtypeStruct(a, cfg.weight_dtype),
+                                       "b": jax.ShapeDtypeStruct(b, cfg.weight_dtype)})
+    return tree
+
+
+def adapter_logical_axes(cfg: ModelConfig, lora: LoraConfig) -> dict:
+    """Logical axes of the adapters: a weight's input axes then `lora_rank`, `lora_rank` then its
+    output axes, so they shard by the base's rules."""
+    from lima_jax.model.transformer import param_logical_axes
+
+    base = param_logical_axes(cfg)["layers"]
+    tree: dict = {}
+    for name in lora.targets:
+        path, n_in = TARGETS[name]
+        axes = tuple(_get(base, path))  # ("layers", *in, *out)
+        _set(tree, ("layers", *path), {"a": (*axes[:1 + n_in], RANK_AXIS), "b": (axes[0], RANK_AXIS, *axes[1 + n_in:])})
+    return tree
+
+
+def init_adapters(cfg: ModelConfig, lora: LoraConfig, key: jax.Array) -> dict:
+    """a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default, Kaiming-uniform with a = sqrt(5)), b = 0."""
+    tree: dict = {}
+    for i, (name, (a, b)) in enumerate(adapter_shapes(cfg, lora).items()):
+        path, _ = TARGETS[name]
+        bound = 1.0 / np.sqrt(np.prod(a[1:-1]))
+        a_init = jax.random.uniform(jax.random.fold_in(key, i), a, jnp.float32, -bound, bound)
+        _set(tree, ("layers", *path), {"a": a_init.astype(cfg.weight_dtype), "b": jnp.zeros(b, cfg.weight_dtype)})
+    return tree
+
+
+def attach(base: dict, adapters: dict, lora: LoraConfig, dropout_key: jax.Array | None = None) -> dict:
+    """The base params with each adapted weight replaced by its LoraWeight (no copies). With a
+    `dropout_key` (training) and `lora.dropout` > 0, every adapter of every layer draws its own mask."""
+    layers = dict(base["layers"])
+    layers = {module: dict(weights) for module, weights in layers.items()}
+    for i, name in enumerate(lora.targets):
+        path, _ = TARGETS[name]
+        pair = _get(adapters["layers"], path)
+        keys = None
+        if dropout_key is not None and lora.dropout > 0:
+            n_layers = pair["a"].shape[0]
+            keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(dropout_key, _DROPOUT_STREAM), i), n_layers)
+        _set(layers, path, LoraWeight(_get(layers, path), pair["a"], pair["b"], keys, lora.scale, lora.dropout))
+    return dict(base, layers=layers)
+
+
+def merged(base: dict, adapters: dict, lora: LoraConfig, dtype) -> dict:
+    """Plain params W + a b * scale in `dtype` (int8 weights dequantized), summed in float32."""
+    params = jax.tree.map(lambda w: w.astype(dtype), base, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    for name in lora.targets:
+        path, _ = TARGETS[name]
+        w, pair = _get(base["layers"], path), _get(adapters["layers"], path)
+        a, b = (pair[k].astype(jnp.float32) for k in ("a", "b"))
+        delta = jnp.matmul(a.reshape(a.shape[0], -1, lora.rank), b.reshape(b.shape[0], lora.rank, -1))
+        _set(params["layers"], path, (w.astype(jnp.float32) + delta.reshape(w.shape) * lora.scale).astype(dtype))
+    return params
+
+
+# ---- the frozen base ----
+
+def quantize(w: jax.Array, n_in: int) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output channel of a stacked weight [layers, *in, *out]."""
+    w32 = w.astype(jnp.float32)
+    in_dims = tuple(range(1, 1 + n_in))
+    scale = jnp.max(jnp.abs(w32), axis=in_dims, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel: any scale, values 0
+    return QuantizedWeight(jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale)
+
+
+def frozen_base(params: dict, lora: LoraConfig) -> dict:
+    """Full params -> the base as LoRA training stores it: `base_dtype`, or int8 layer matrices
+    (QuantizedWeight) with the rest in bfloat16."""
+    if lora.base_dtype != "int8":
+        return jax.tree.map(lambda w: w.astype(lora.base_dtype), params)
+    out = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+    for path, n_in in TARGETS.values():
+        _set(out["layers"], path, quantize(_get(params["layers"], path), n_in))
+    return out
+
+
+def abstract_base(cfg: ModelConfig, lora: LoraConfig) -> dict:
+    """ShapeDtypeStructs of the frozen base."""
+    from lima_jax.model.transformer import abstract_params
+
+    return jax.eval_shape(lambda p: frozen_base(p, lora), abstract_params(cfg))
+
+
+def base_logical_axes(cfg: ModelConfig, lora: LoraConfig) -> dict:
+    """The base's logical axes; an int8 weight's scale has no size on its input axes."""
+    from lima_jax.model.transformer import param_logical_axes
+
+    axes = param_logical_axes(cfg)
+    if lora.base_dtype != "int8":
+        return axes
+    layers = {module: dict(weights) for module, weights in axes["layers"].items()}
+    for path, n_in in TARGETS.values():
+        names = tuple(_get(layers, path))
+        _set(layers, path, QuantizedWeight(names, (names[0], *(None,) * n_in, *names[1 + n_in:])))
+    return dict(axes, layers=layers)
