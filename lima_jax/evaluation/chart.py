@@ -38,7 +38,7 @@ def preference_chart(rows: Sequence[tuple[str, float, float, float]], path: str,
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     storage.path(path).write_bytes(buffer.getvalue())
 
@@ -65,6 +65,6 @@ def grade_chart(counts: dict[int, int], path: str, title: str) -> None:
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     storage.path(path).write_bytes(buffer.getvalue())

@@ -89,14 +89,17 @@ class Judge:
 
     def _run(self, todo: Mapping[str, Messages], params: dict, bar: tqdm.tqdm) -> None:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.concurrency)
+        request = {"model": self.settings.model, "params": params}
+        futures = {pool.submit(self.ask, messages): key for key, messages in todo.items()}
         try:
-            futures = {pool.submit(self.ask, messages): key for key, messages in todo.items()}
             for future in concurrent.futures.as_completed(futures):
-                key = futures[future]
-                self.cache.put(key, future.result(), {"model": self.settings.model, "params": params})
+                self.cache.put(futures[future], future.result(), request)
                 bar.update(1)
         except JudgeError as e:
             pool.shutdown(wait=True, cancel_futures=True)
+            for future, key in futures.items():  # replies that arrived meanwhile are kept for the rerun
+                if future.done() and not future.cancelled() and future.exception() is None and key not in self.cache:
+                    self.cache.put(key, future.result(), request)
             raise JudgeError(f"{e}\n  {len(self.cache)} replies are cached in {self.cache.path}: rerun the same "
                              f"command to resume") from None
         finally:

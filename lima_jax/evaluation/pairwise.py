@@ -53,6 +53,6 @@ def run_pairwise(judge: Judge, answers_path: str, baseline_path: str, out: str, 
     preference_chart([(f"{ours} vs {theirs}", *(stats["shares"][k]["share"] for k in ("wins", "ties", "losses")))],
                      str(folder / report.CHART), f"{ours} vs {theirs}: {len(pairs)} prompts, judge {judge.settings.model}",
                      ours=ours)
-    summary["printed"] = report.pairwise_table([(f"{ours} vs {theirs}", stats)])
+    summary["printed"] = report.pairwise_table([(f"{ours} vs {theirs}", stats)]) + "\n" + report.order_line(stats)
     return summary
 

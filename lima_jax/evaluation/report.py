@@ -47,6 +47,9 @@ def pairwise_stats(outcomes: Sequence[str], resamples: int = 10_000, seed: int =
     if verdicts:
         orders = [o for v in verdicts for o in (v.ours_first, v.baseline_first)]
         result["verdict_sources"] = dict(collections.Counter(o.source for o in orders))
+        # "first/first": the answer shown first won in both orders, the position bias the second order cancels
+        result["order_verdicts"] = dict(collections.Counter(f"{v.ours_first.winner}/{v.baseline_first.winner}"
+                                                            for v in verdicts).most_common())
     return result
 
 
@@ -82,3 +85,12 @@ def pairwise_table(rows: Sequence[tuple[str, dict]]) -> str:
                      f"{s['losses']} ({percent_ci(s['shares']['losses'])}) | "
                      f"{rate['mean']:.1%} [{rate['ci'][0]:.1%}, {rate['ci'][1]:.1%}] |")
     return "\n".join(lines)
+
+
+def order_line(stats: dict) -> str:
+    """How the two orders' verdicts (ours shown first / baseline shown first) combined."""
+    orders = stats.get("order_verdicts", {})
+    biased = orders.get("first/first", 0) + orders.get("second/second", 0)
+    pairs = ", ".join(f"{k} {n}" for k, n in orders.items())
+    return (f"verdicts per order (ours first/baseline first): {pairs}; {biased} of {stats['prompts']} prompts "
+            f"preferred the same position in both orders (position bias, counted as ties)")
