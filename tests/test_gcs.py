@@ -162,7 +162,7 @@ def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
     first = train("--config.train.max_steps=3")  # the first of 2 epochs (3 steps each)
     assert "resuming" not in first
     steps_1 = checkpoint_steps(files)
-    second = train()
+    second = train("--config.train.sample_dev_prompts=1", "--config.train.sample_max_new_tokens=4")
     assert f"resuming from {workdir}/checkpoints/{max(steps_1)}" in second, second[-3000:]
     steps_2 = checkpoint_steps(files)
     assert max(steps_2) > max(steps_1)
@@ -172,6 +172,7 @@ def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == max(steps_2)  # both runs, each step once
     assert len([r for r in rows if "dev_loss" in r]) == 2
     assert files.ls(f"{BUCKET}/run/tensorboard") and files.exists(f"{BUCKET}/run/config.json")
+    assert files.ls(f"{BUCKET}/run/dev_samples")
 
     greedy = ("--greedy", "--max_new_tokens", "8")
     single = run(server, "launch/sample.py", "--checkpoint", workdir, "--prompt", "What is 25 plus 26?", "--nostream",
