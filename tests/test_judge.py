@@ -415,6 +415,7 @@ def test_answers_judged_against_themselves_come_out_even(proxy, tmp_path):
     judge = judge_for(proxy.url, tmp_path / "cache.jsonl")
     summary = run_pairwise(judge, ours, ours, str(tmp_path / "out"), resamples=200)
     assert summary["wins"] == summary["losses"] and summary["prompts"] == len(QUESTIONS)
+    assert summary["ties"] == len(QUESTIONS)  # each prompt cancels on its own: the same request in both orders
     rows = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
     # the judge does prefer a position: without the second order these would be wins or losses
     assert any(r["ours_first"]["winner"] in ("first", "second") for r in rows)
