@@ -159,6 +159,18 @@ def test_dev_samples_read_per_epoch(tmp_path):
         answers_lib.read_dev_samples(str(tmp_path / "nowhere"))
 
 
+def test_recommendation_is_the_best_kept_epoch_then_the_lower_dev_loss():
+    from lima_jax.evaluation.selection import recommend
+
+    def row(epoch, score, dev_loss, kept):
+        return {"epoch": epoch, "step": epoch * 4, "score": {"mean": score}, "dev_loss": dev_loss,
+                "checkpoint": f"ckpt/{epoch * 4}" if kept else None}
+
+    table = [row(5, 0.6, 1.5, True), row(6, 0.6, 1.4, True), row(7, 0.9, 1.3, False), row(8, 0.2, 1.2, True)]
+    assert recommend(table)["epoch"] == 6  # 7 scored best but its checkpoint is gone; 5 and 6 tie, 6 has lower loss
+    assert recommend([row(7, 0.9, 1.3, False)])["note"].startswith("no epoch compared has a kept checkpoint")
+
+
 # ---- statistics ----
 
 def test_bootstrap_interval_is_seeded_and_covers_the_binomial_spread():

@@ -26,7 +26,12 @@ def run_select(judge: Judge, workdir: str, out: str, baseline_path: str | None =
                seed: int = 0) -> dict:
     """Judge the epochs' dev answers, write summary.json (the table and the recommendation),
     verdicts.jsonl and chart.png to `out`; the summary."""
-    runs = [e for e in read_dev_samples(workdir) if not epochs or e.epoch in epochs]
+    found = read_dev_samples(workdir)
+    missing = sorted(set(epochs or ()) - {e.epoch for e in found})
+    if missing:
+        raise ValueError(f"{workdir}/dev_samples has no answers of epoch(s) {missing}; it has "
+                         f"{[e.epoch for e in found]}")
+    runs = [e for e in found if not epochs or e.epoch in epochs]
     if len(runs) < (1 if baseline_path else 2):
         raise ValueError(f"{workdir}/dev_samples: {len(runs)} epoch(s) to compare{' of ' + str(epochs) if epochs else ''};"
                          f" need two, or one and --baseline")
