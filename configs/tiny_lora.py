@@ -1,7 +1,12 @@
-"""The tiny demo with LoRA: rank-16 adapters on every projection of a frozen base.
+"""The tiny demo with LoRA: rank-16 adapters on every projection of a frozen bfloat16 base,
+the rest of configs/tiny.py's recipe unchanged (its learning rate included).
 
-Without `--config.init_checkpoint` the base is the seed's random init (what configs/tiny.py
-starts from), so the demo runs anywhere; give a tiny checkpoint to adapt trained weights."""
+The base is `--config.init_checkpoint`, e.g. a configs/tiny.py run stopped after a few epochs:
+  python launch/tpu_train.py --config configs/tiny.py --workdir workdir/tiny_base --config.train.epochs=5
+  python launch/tpu_train.py --config configs/tiny_lora.py --workdir workdir/tiny_lora \\
+    --config.init_checkpoint=workdir/tiny_base
+Without one the base is the seed's random init; frozen, its random embedding and output head
+cap what the adapters can learn (the train loss falls from 6.2 to about 5.3 only)."""
 
 import importlib.util
 import pathlib
@@ -13,7 +18,4 @@ def get_config():
     spec.loader.exec_module(tiny)
     c = tiny.get_config()
     c.lora.update(rank=16, alpha=32.0, base_dtype="bfloat16")
-    # Adapters start at zero and move only the projections, so they take a larger step than full
-    # fine-tuning's 3e-3 to fit the demo data in the same 15 epochs (LoRA papers use 10x or more).
-    c.optimizer.update(learning_rate=1e-2, end_learning_rate=1e-3)
     return c

@@ -3,6 +3,7 @@
     python launch/convert_checkpoint.py --source meta --input /llama/65B --output /ckpt/65b \
         --config configs/llama65b.py --add_eot
     python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b
+    python launch/convert_checkpoint.py --to peft --input LORA_WORKDIR_OR_CKPT --output /hf/lima-65b-adapter
 
 The tokenizer travels with the weights: conversion stores the folder's tokenizer.model (for a
 Meta folder, also its parent's, where Meta ships it) in the checkpoint, and the export writes
@@ -20,7 +21,8 @@ from ml_collections import config_flags
 from lima_jax import cli
 
 flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax.")
-flags.DEFINE_enum("to", "orbax", ["orbax", "hf"], "Output format: an Orbax checkpoint or a Hugging Face folder.")
+flags.DEFINE_enum("to", "orbax", ["orbax", "hf", "peft"], "Output format: an Orbax checkpoint, a Hugging Face folder "
+                  "(a LoRA checkpoint merged into its base), or a LoRA checkpoint's PEFT adapter folder.")
 flags.DEFINE_string("input", None, "Source folder (Meta/HF) or, with --to hf, an Orbax checkpoint or work dir.")
 flags.DEFINE_string("output", None, "Target folder (local or gs:// for Orbax).")
 flags.DEFINE_bool("add_eot", False, "Grow the vocabulary by LIMA's end-of-turn token (new row = mean of rows).")
@@ -39,7 +41,12 @@ def main(argv):
     del argv
     from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 
-    if FLAGS.to == "hf":
+    if FLAGS.to == "peft":
+        from lima_jax.convert.lora_export import export_peft
+
+        report = export_peft(FLAGS.input, FLAGS.output, overwrite=FLAGS.overwrite)
+        print(f"wrote {report['output']}: {report['tensors']} adapter tensors, {report['bytes_written'] / 1e6:.1f} MB")
+    elif FLAGS.to == "hf":
         report = export_hf(FLAGS.input, FLAGS.output, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
                            overwrite=FLAGS.overwrite)
         print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)"

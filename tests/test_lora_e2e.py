@@ -1,0 +1,136 @@
+"""The tiny LoRA demo (configs/tiny_lora.py) end to end on 8 emulated CPU devices, adapting a
+tiny base trained here with configs/tiny.py: it learns the demo data, its checkpoints hold
+only the adapters (and name their base), it resumes exactly after SIGKILL, and its PEFT export
+loaded by `peft` onto the Hugging Face export of the base decodes the same greedy tokens as
+lima_jax's sampler (the independent reference: transformers + peft)."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.tiny_run import env, finish, losses, metric_rows, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+BASE_EPOCHS = 3  # the base: the full demo run stopped early, so LoRA has something left to learn
+EPOCHS = 8  # of the LoRA run (the demo's 15 take longer than a test should)
+
+
+def launch_lora(workdir, cache, base, *overrides) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / "tiny_lora.py"),
+           "--workdir", str(workdir), f"--config.init_checkpoint={base}", "--config.train.sample_dev_prompts=0",
+           f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
+           f"--config.train.epochs={EPOCHS}", "--config.train.keep_epochs=()", *overrides]
+    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def steps_saved(workdir) -> list[int]:
+    ckpts = workdir / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def adapters(workdir) -> dict:
+    from lima_jax import checkpoint
+    from lima_jax.convert.lora_export import lora_settings, read_adapters
+
+    meta = checkpoint.read_meta(workdir)
+    return meta, read_adapters(workdir, lora_settings(meta, workdir))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from lima_jax.train import loop
+
+    workdir = tmp_path_factory.mktemp("base")
+    loop.train(tiny_config(epochs=BASE_EPOCHS), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache, base):
+    workdir = tmp_path_factory.mktemp("lora")
+    finish(launch_lora(workdir, cache, base))
+    return workdir
+
+
+def test_lora_demo_learns_and_saves_only_adapters(uninterrupted, base):
+    loss = losses(uninterrupted)
+    steps = sorted(loss)
+    first, last = loss[steps[0]], np.mean([loss[s] for s in steps[-4:]])
+    assert last < first * 0.9, (first, last)
+    dev = [r["dev_loss"] for r in metric_rows(uninterrupted) if "dev_loss" in r]
+    assert len(dev) == EPOCHS and dev[-1] < dev[0], dev
+
+    meta, trained = adapters(uninterrupted)
+    assert meta.lora["base_checkpoint"] == str(base) and meta.lora["rank"] == 16
+    step = steps_saved(uninterrupted)[-1]
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    lora_step, base_step = uninterrupted / "checkpoints" / str(step), base / "checkpoints" / str(steps_saved(base)[-1])
+    assert size(lora_step / "params") < size(base_step / "params") / 3  # adapters only
+    assert size(lora_step / "opt_state") < size(base_step / "opt_state") / 3  # their moments only
+    assert np.abs(trained["layers"]["mlp"]["w2"]["b"]).max() > 0
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, cache, base, uninterrupted):
+    workdir = tmp_path / "interrupted"
+    proc = launch_lora(workdir, cache, base)
+    start = time.time()
+    while not steps_saved(workdir):  # SIGKILL as soon as the first checkpoint is complete
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - start < 300
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    resumed_from = steps_saved(workdir)[-1]
+    out = finish(launch_lora(workdir, cache, base))
+    assert f"resuming from {workdir / 'checkpoints'}/{resumed_from}" in out and "LoRA base (frozen, bfloat16)" in out
+    (meta_a, a), (meta_b, b) = adapters(uninterrupted), adapters(workdir)
+    assert meta_a.step == meta_b.step
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert losses(workdir) == losses(uninterrupted)
+
+
+def test_peft_export_decodes_as_the_sampler(tmp_path, uninterrupted, base):
+    import peft
+    import torch
+    import transformers
+
+    from lima_jax.convert import export_hf
+    from lima_jax.convert.lora_export import export_peft
+    from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.sampler import load_sampler
+
+    # The base as training held it (bfloat16), read by transformers in float32 like our compute.
+    export_hf(base, tmp_path / "base_hf", dtype="bfloat16")
+    export_peft(uninterrupted, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base_hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+
+    sampler, _ = load_sampler(str(uninterrupted))
+    settings = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=24)
+    prompts = ["What is 25 plus 26?", "Which is larger, 257 or 121?", "Spell the word cat backwards."]
+    for prompt in prompts:
+        ids = sampler.prompt_ids(prompt)
+        [ours] = sampler.generate_ids([ids], settings)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, repetition_penalty=1.0,
+                                 eos_token_id=list(sampler.stop_ids), pad_token_id=2)[0, len(ids):].tolist()
+        theirs = out[:-1] if out and out[-1] in sampler.stop_ids else out
+        assert ours["ids"] == theirs, (prompt, ours, out)
+
+    # The merged Hugging Face export of the LoRA checkpoint is the PEFT model.
+    export_hf(uninterrupted, tmp_path / "merged_hf")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", dtype=torch.float32).eval()
+    tokens = torch.tensor([sampler.prompt_ids(prompts[0])])
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-4, rtol=0)
