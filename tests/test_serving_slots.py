@@ -5,10 +5,11 @@ refused; model ids from checkpoint paths."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lima_jax.sampling import transforms
-from lima_jax.sampling.row_transforms import RowSettings, next_tokens
+from lima_jax.sampling.row_transforms import RowSettings, next_tokens, top_p
 from lima_jax.serving.server import model_name_from_path
 from lima_jax.serving.text import TextStream
 
@@ -39,6 +40,20 @@ def test_per_row_tokens_equal_transforms_per_row(draw):
     for b, s in enumerate(ROWS):
         want = transforms.next_token(logits[b][None], seen[b][None], keys[b], s)[0]
         assert int(got[b]) == int(want), (b, s)
+
+
+@pytest.mark.parametrize("scale, decimals", [(1.0, None), (4.0, None), (2.0, 0), (0.01, 3)],
+                         ids=["flat", "peaked", "ties", "near-uniform"])
+def test_top_p_by_bisection_keeps_what_the_sort_keeps(scale, decimals):
+    ps = [0.05, 0.3, 0.5, 0.9, 0.95, 0.999, 1.0]
+    logits = scale * jax.random.normal(jax.random.key(7), (len(ps), 500))
+    if decimals is not None:
+        logits = jnp.round(logits, decimals)
+    got = top_p(logits, jnp.asarray(ps, jnp.float32), jnp.asarray([1.0 - p for p in ps], jnp.float32))
+    for b, p in enumerate(ps):
+        want = transforms.top_p(logits[b], p)
+        np.testing.assert_array_equal(np.isfinite(got[b]), np.isfinite(want), err_msg=f"top_p={p}")
+    assert int(np.isfinite(got).sum(-1).min()) >= 1
 
 
 def test_logit_bias_moves_the_argmax():

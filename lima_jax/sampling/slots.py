@@ -92,7 +92,8 @@ def decode_step(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) 
     logprobs = jax.nn.log_softmax(logits[:, :cfg.vocab_size])  # the model's own distribution
     top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), state["count"])
-    token = next_tokens(logits, state["seen"], state["bias"], keys, state["settings"])
+    settings = state["settings"]
+    token = next_tokens(logits, state["seen"], state["bias"], keys, settings, jnp.any(active & ~settings.greedy))
     rows = jnp.arange(token.shape[0])
     last = cache["segment_ids"].shape[1] - 1
     state = dict(state, cache=constrain_cache(cache), token=jnp.where(active, token, state["token"]),

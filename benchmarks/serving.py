@@ -1,0 +1,151 @@
+"""Serving throughput on this machine: aggregate decode tokens/s of launch/serve.py with 1 and
+with 16 concurrent clients (continuous batching; goal: at least 4x at 16), and the time to
+first token, through the official `openai` client with streaming.
+
+  python benchmarks/serving.py [--dim 256 --layers 4 --max_tokens 64 --requests 32]
+
+The model has random weights (benchmarks/decode.py's shape: dim 256, 4 layers, LLaMA's
+32,001-token vocabulary when ../shared has its tokenizer, else the demo tokenizer's); every
+request is greedy with EOS and EOT banned by logit_bias, so each answer is exactly
+`--max_tokens` tokens. The server runs on one CPU device (no emulated devices). Time to
+first token: from sending the request to the first streamed token (the server has compiled
+before it accepts requests). Writes benchmarks/results/serving.json.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import httpx  # noqa: E402
+import jax  # noqa: E402
+import openai  # noqa: E402
+
+from lima_jax import checkpoint  # noqa: E402
+from lima_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from lima_jax.model import ModelConfig, init_params  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LLAMA_TOKENIZER = ROOT.parent / "shared" / "llama" / "tokenizer.model"
+PROMPTS = ["Tell me about the sea.", "How do I bake bread?", "Why is the sky blue?", "Write a short poem about rain.",
+           "What should I see in Paris?", "Explain recursion to a child.", "Give me three tips for sleep.",
+           "What is a good name for a cat?"]
+
+
+def build_checkpoint(path: pathlib.Path, dim: int, layers: int) -> ModelConfig:
+    tokenizer_path = str(LLAMA_TOKENIZER) if LLAMA_TOKENIZER.is_file() else ""
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=dim, n_layers=layers, n_heads=8, n_kv_heads=8,
+                      ffn_dim=dim * 8 // 3 // 32 * 32, max_seq_len=512, dtype="float32")
+    proto = pathlib.Path(tokenizer_path).read_bytes() if tokenizer_path else None
+    if proto is None:
+        from lima_jax.data import demo
+        proto = pathlib.Path(demo.build_demo_tokenizer()).read_bytes()
+    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg), eot_id=tokenizer.eot_id, tokenizer=proto)
+    checkpoint.save_params(path, jax.device_get(init_params(cfg, jax.random.key(0))), meta)
+    return cfg, tokenizer
+
+
+def start_server(ckpt: pathlib.Path, slots: int, log_path: pathlib.Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", str(ckpt),
+                             "--port", str(port), "--slots", str(slots)], cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"),
+                            stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(log_path.read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("the server did not start")
+
+
+def one_request(client: openai.OpenAI, prompt: str, max_tokens: int, banned: dict) -> dict:
+    """Stream one answer: (time to first token, tokens, seconds)."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, temperature=0, stream=True, logprobs=True,
+                                            logit_bias=banned, stream_options={"include_usage": True})
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.logprobs is not None and choice.logprobs.content:
+                first = first or time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": first, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def phase(client, clients: int, requests: int, max_tokens: int, banned: dict) -> dict:
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens, banned),
+                                range(requests)))
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    assert all(r["tokens"] == max_tokens for r in results), [r["tokens"] for r in results]
+    ttfts = [r["ttft"] for r in results]
+    return {"clients": clients, "requests": requests, "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall, "ttft_median_s": statistics.median(ttfts), "ttft_max_s": max(ttfts),
+            "per_request_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in results)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32, help="requests of the 16-client phase (1 client: 1/4)")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, tokenizer = build_checkpoint(pathlib.Path(tmp) / "ckpt", args.dim, args.layers)
+        proc, url = start_server(pathlib.Path(tmp) / "ckpt", args.slots, pathlib.Path(tmp) / "serve.log")
+        try:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+            banned = {str(tokenizer.eos_id): -100, str(tokenizer.eot_id): -100}  # every answer max_tokens long
+            phase(client, 16, 16, 4, banned)  # warm: every prefill width and the HTTP path
+            one = phase(client, 1, max(args.requests // 4, 2), args.max_tokens, banned)
+            many = phase(client, 16, args.requests, args.max_tokens, banned)
+            health = httpx.get(f"{url}/health").json()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    result = {
+        "model": {"dim": cfg.dim, "layers": cfg.n_layers, "heads": cfg.n_heads, "ffn": cfg.ffn_dim,
+                  "vocab": cfg.vocab_size, "dtype": cfg.dtype},
+        "slots": health["slots"], "max_tokens": args.max_tokens, "peak_active": health["peak_active"],
+        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
+                    "load_average_1min": os.getloadavg()[0], "note": "shared, busy machine; one run"},
+        "one_client": one, "sixteen_clients": many,
+        "speedup_16_vs_1": many["tokens_per_s"] / one["tokens_per_s"],
+    }
+    pathlib.Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"aggregate decode: {one['tokens_per_s']:.1f} tokens/s (1 client) -> {many['tokens_per_s']:.1f} "
+          f"(16 clients), {result['speedup_16_vs_1']:.2f}x; time to first token {one['ttft_median_s'] * 1e3:.0f} ms "
+          f"(1 client), {many['ttft_median_s'] * 1e3:.0f} ms median (16 clients)")
+
+
+if __name__ == "__main__":
+    main()
