@@ -192,3 +192,26 @@ def checkpoint_steps(files) -> list[int]:
     steps = [int(n) for n in names if n.isdigit()]
     assert steps and not [n for n in names if "tmp" in n], names
     return steps
+
+
+def test_convert_and_export_between_buckets(server, tmp_path):
+    """An HF folder in a bucket -> an Orbax checkpoint in the bucket -> an HF export in the
+    bucket; the exported weights, read back with transformers, are the original ones."""
+    import torch
+    import transformers
+
+    from lima_jax.convert.to_hf import export_hf
+    from lima_jax.convert.to_orbax import convert_to_orbax
+    from tests.references import MODEL_MHA, hf_model
+
+    model = hf_model(MODEL_MHA)
+    model.save_pretrained(tmp_path / "hf_in")
+    fs(server).put(str(tmp_path / "hf_in"), f"{BUCKET}/hf_in", recursive=True)
+    convert_to_orbax("hf", f"gs://{BUCKET}/hf_in", f"gs://{BUCKET}/converted", vocab_multiple=8)
+    export_hf(f"gs://{BUCKET}/converted", f"gs://{BUCKET}/hf_out", dtype="float32")
+    fs(server).get(f"{BUCKET}/hf_out", str(tmp_path / "hf_out"), recursive=True)
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf_out")
+    original = model.state_dict()
+    for name, weight in exported.state_dict().items():
+        torch.testing.assert_close(weight, original[name], rtol=0, atol=0)
+    assert not list(tmp_path.glob("gs:*")) and not os.path.exists("gs:")  # nothing written locally by mistake

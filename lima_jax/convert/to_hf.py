@@ -16,12 +16,11 @@ A LoRA checkpoint exports merged: its base's tensors plus the adapters (`params_
 
 import json
 import logging
-import pathlib
-import shutil
 
 import numpy as np
+from etils import epath
 
-from lima_jax import checkpoint
+from lima_jax import checkpoint, storage
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
@@ -77,7 +76,7 @@ class _SafetensorsStream:
     front, so the header (with all data offsets) goes first and each tensor's bytes are
     appended as it arrives; nothing but the current tensor is held in memory."""
 
-    def __init__(self, path: pathlib.Path, tensors: list[tuple[str, tuple[int, ...], int]], dtype: str):
+    def __init__(self, path: epath.Path, tensors: list[tuple[str, tuple[int, ...], int]], dtype: str):
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, nbytes in tensors:
@@ -87,7 +86,7 @@ class _SafetensorsStream:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
         self.expected = [(name, shape) for name, shape, _ in tensors]
-        self.f = open(path, "wb")
+        self.f = path.open("wb")
         self.f.write(len(blob).to_bytes(8, "little") + blob)
 
     def add(self, name: str, w: np.ndarray):
@@ -113,7 +112,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
     layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
     check_output_location(checkpoint_path, output, overwrite=overwrite)
-    out = pathlib.Path(output)
+    out = storage.path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     tmp = out.parent / f"{out.name}.tmp-export"
@@ -161,10 +160,10 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         for name, contents in tok_files.items():
             (tmp / name).write_bytes(contents)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     if out.exists():
-        shutil.rmtree(out)
+        out.rmtree()
     tmp.rename(out)
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 

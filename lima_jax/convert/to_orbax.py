@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lima_jax import checkpoint
+from lima_jax import checkpoint, storage
 from lima_jax.convert.layout import LAYOUT, get_path, mean_row
 from lima_jax.convert.safety import check_output_location
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
@@ -114,22 +114,23 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     start = time.perf_counter()
     bound_heap()
-    src = open_source(source, input_dir)
-    arch = src.arch()
-    if vocab_multiple is None and config is None:
-        vocab_multiple = 128
-    cfg = target_config(arch, config=config, add_eot=add_eot, vocab_multiple=vocab_multiple,
-                        param_dtype=param_dtype or (None if config is not None else "float32"),
-                        arch_file=str(src.dir / src.arch_file))
-    src.check(ModelConfig(**arch, vocab_multiple=1))
-    proto = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
-                                  where_vocab=str(src.dir / src.arch_file))
-    meta = checkpoint.CheckpointMeta(
-        model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None, tokenizer=proto,
-        source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
-    stats: dict = {}
-    checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
-                                     meta, overwrite=overwrite)
+    with storage.local_copy(input_dir) as local_input:  # the readers need real files (mmap)
+        src = open_source(source, local_input)
+        arch = src.arch()
+        if vocab_multiple is None and config is None:
+            vocab_multiple = 128
+        cfg = target_config(arch, config=config, add_eot=add_eot, vocab_multiple=vocab_multiple,
+                            param_dtype=param_dtype or (None if config is not None else "float32"),
+                            arch_file=str(src.dir / src.arch_file))
+        src.check(ModelConfig(**arch, vocab_multiple=1))
+        proto = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
+                                      where_vocab=str(src.dir / src.arch_file))
+        meta = checkpoint.CheckpointMeta(
+            model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None, tokenizer=proto,
+            source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
+        stats: dict = {}
+        checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
+                                         meta, overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out),
             "tokenizer": proto is not None}
