@@ -224,7 +224,9 @@ def test_raw_completions(client, sampler):
     [ref] = sampler.generate_ids([sampler.prompt_ids(prompt, "raw")], SamplingSettings(
         greedy=True, repetition_penalty=1.0, max_new_tokens=12))
     assert out.choices[0].text == sampler.tokenizer.decode(ref["ids"])
-    assert len(out.choices[0].logprobs.token_logprobs) == len(ref["ids"])
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(logprobs.text_offset) == len(ref["ids"])
+    assert logprobs.text_offset == np.cumsum([0] + [len(t) for t in logprobs.tokens[:-1]]).tolist()
     streamed = client.completions.create(model="run-250", prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                          extra_body={"repetition_penalty": 1.0})
     assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text

@@ -42,6 +42,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def _refused(request, exc: InvalidRequest):
         return error_response(str(exc), exc.param, 400, exc.code)
 
+    @app.exception_handler(Exception)
+    async def _failed(request, exc: Exception):  # e.g. a failed engine step: the client still gets OpenAI's body
+        return error_response(f"{type(exc).__name__}: {exc}", None, 500)
+
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
         return error_response(str(exc.detail), None, exc.status_code)
@@ -106,6 +110,7 @@ class Job:
         self.text = TextStream(self.tokenizer, body.stop_strings())
         self.tokens: list[Token] = []
         self.finish_reason: str | None = None
+        self._offset = 0  # characters of token text so far (completions' text_offset)
 
     async def pieces(self) -> AsyncIterator[tuple[str, list[Token]]]:
         """(new text, the tokens it came with) as the engine produces them; sets finish_reason."""
@@ -184,8 +189,12 @@ class Job:
         texts = [token_text(self.tokenizer, t.id)[0] for t in tokens]
         tops = [{token_text(self.tokenizer, int(i))[0]: float(lp) for i, lp in
                  zip(t.top_ids[:self.top], t.top_logprobs[:self.top])} for t in tokens]
+        offsets = []
+        for text in texts:  # each token's start in the answer, continued across streamed chunks
+            offsets.append(self._offset)
+            self._offset += len(text)
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": tops,
-                "text_offset": []}
+                "text_offset": offsets}
 
     def _chat_entry(self, t: Token) -> dict:
         text, raw = token_text(self.tokenizer, t.id)

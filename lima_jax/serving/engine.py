@@ -235,8 +235,15 @@ class Engine:
 
     def _emit(self, rid: int, event: Token | Finished) -> None:
         callback = self._callbacks.get(rid)
-        if callback is not None:
+        if callback is None:
+            return
+        try:
             callback(event)
+        except Exception:  # one client's failing callback must not stop the others' answers
+            log.exception("request %d: its callback failed; it is cancelled", rid)
+            with self._lock:
+                self._callbacks.pop(rid, None)
+            self.feed.put(("cancel", rid))
 
     def _fail_all(self, message: str) -> None:
         for index, slot in enumerate(self._slots):
