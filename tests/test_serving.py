@@ -265,3 +265,18 @@ def test_invalid_json_and_unknown_route(server):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.get(f"{server}/v1/nothing")
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a_client_that_goes_away_frees_its_slot(client, server):
+    """Closing a stream cancels the request: the engine stops decoding it long before max_tokens."""
+    before = httpx.get(f"{server}/health").json()["steps"]
+    stream = ask(client, OTHER[0], temperature=0, max_tokens=100, logprobs=True, stream=True,
+                 logit_bias={str(PIECES): -100, "2": -100})  # no EOT or EOS: it would run all 100 tokens
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.time() + 60
+    while (health := httpx.get(f"{server}/health").json())["active"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert health["active"] == 0 and health["steps"] - before < 60
