@@ -131,23 +131,24 @@ def test_config_errors_name_the_key():
 # ---- the train program ----
 
 def lora_program(rank: int, base_dtype: str = "bfloat16", steps: int = 10):
+    from lima_jax.config import model_config
     from lima_jax.sharding import make_mesh
     from lima_jax.train.program import build_program
     from tests.tiny_run import tiny_config
 
     config = tiny_config()
     config.lora.update(rank=rank, base_dtype=base_dtype)
-    from lima_jax.config import model_config
-
     cfg = model_config(config)
     return config, cfg, build_program(config, cfg, make_mesh(config.mesh), total_steps=steps)
 
 
 def test_rank_zero_is_full_fine_tuning():
+    from lima_jax.config import run_identity
+
     config, cfg, program = lora_program(0)
     assert program.lora is None and program.abstract_state.base is None
     assert jax.tree.structure(program.abstract_state.params) == jax.tree.structure(abstract_params(cfg))
-    assert "lora" not in __import__("lima_jax.config", fromlist=["x"]).run_identity(config, "t", "d")
+    assert "lora" not in run_identity(config, "t", "d")  # full fine-tuning resumes as before
 
 
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
@@ -191,3 +192,15 @@ def test_train_step_updates_only_the_adapters(base_dtype):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.base), base_before)
     b = np.asarray(new.params["layers"]["mlp"]["w2"]["b"])
     assert np.abs(b).max() > 0  # the adapters moved
+
+
+def test_a_resume_on_another_base_is_refused():
+    from lima_jax.config import base_config, changed_run_keys, run_identity
+
+    c = base_config()
+    c.lora.rank, c.init_checkpoint = 8, "gs://b/llama65b"
+    saved = run_identity(c, "t", "d")
+    c.init_checkpoint = "gs://b/llama65b-other"
+    assert changed_run_keys(saved, run_identity(c, "t", "d")) == ["lora.base"]
+    c.lora.rank = 0  # full fine-tuning after LoRA in the same work dir
+    assert changed_run_keys(saved, run_identity(c, "t", "d")) == ["lora"]
