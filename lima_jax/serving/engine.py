@@ -122,7 +122,8 @@ class Engine:
         return self
 
     def warmup(self, timeout: float = 600) -> None:
-        """Compile the decode step and the shortest prefill with a one-token request."""
+        """Compile the prefills (`_compile_prefills`) and the decode step (a one-token request)."""
+        self.feed.put(("warmup",))
         done = threading.Event()
         bos = self.sampler.tokenizer.bos_id
         self.submit(Request((bos,), 1), lambda e: done.set() if isinstance(e, Finished) else None)
@@ -141,10 +142,10 @@ class Engine:
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             self._state = init_slots(self.cfg, self.num_slots)
             while True:
-                idle = not self._pending and self.active == 0
-                if not self._apply(self.feed.take(wait=idle)):
-                    break
+                events = self.feed.take(wait=not self._pending and self.active == 0)
                 try:
+                    if not self._apply(events):
+                        break
                     self._admit()
                     if self.active:
                         self._step()
@@ -161,6 +162,8 @@ class Engine:
                 return False
             if event[0] == "submit":
                 self._pending.append((event[1], event[2]))
+            elif event[0] == "warmup":
+                self._compile_prefills()
             elif event[0] == "cancel":
                 self._cancel(event[1])
         return True
@@ -178,19 +181,39 @@ class Engine:
                 self._finish(index, Finished("cancelled"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, `group` rows per insert."""
+        """Prefill waiting requests into free slots, all in one insert (see `_prefill_rows`)."""
         free = [i for i, s in enumerate(self._slots) if s is None]
         while free and self._pending:
-            batch = [self._pending.popleft() for _ in range(min(self.group, len(free), len(self._pending)))]
+            rows = self._prefill_rows(min(len(free), len(self._pending)))
+            batch = [self._pending.popleft() for _ in range(min(rows, len(free), len(self._pending)))]
             slots, free = free[:len(batch)], free[len(batch):]
-            self._state = insert(self.cfg, self.sampler.params, self._state, self._insert_rows(batch, slots))
+            new = self._insert_rows(batch, slots, rows)
+            self._state = insert(self.cfg, self.sampler.params, self._state, new)
             for (rid, request), index in zip(batch, slots):
                 self._slots[index] = _Slot(rid, request.max_tokens)
         self.peak_active = max(self.peak_active, self.active)
 
-    def _insert_rows(self, batch: list[tuple[int, Request]], slots: list[int]) -> dict:
-        rows, vocab = self.group, self.cfg.padded_vocab_size
-        longest = max(len(r.prompt) for _, r in batch)
+    def _prefill_rows(self, waiting: int) -> int:
+        """Rows of one prefill: `group` (the mesh's batch shards) times a power of two, enough for
+        `waiting` up to the slot count: requests that arrive together are prefilled together,
+        and only a few shapes ever compile (`_compile_prefills` does them at warmup)."""
+        rows = self.group
+        while rows < waiting:
+            rows *= 2
+        return min(rows, self.num_slots)
+
+    def _compile_prefills(self) -> None:
+        """Run every prefill shape once at the shortest width, with filler rows only (no-ops)."""
+        rows = self.group
+        while True:
+            self._state = insert(self.cfg, self.sampler.params, self._state, self._insert_rows([], [], rows))
+            if rows >= self.num_slots:
+                return
+            rows = self._prefill_rows(rows + 1)
+
+    def _insert_rows(self, batch: list[tuple[int, Request]], slots: list[int], rows: int) -> dict:
+        vocab = self.cfg.padded_vocab_size
+        longest = max((len(r.prompt) for _, r in batch), default=1)
         width = min(math.ceil(longest / PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.max_seq_len)
         new = {"slot": np.full(rows, self.num_slots, np.int32), "tokens": np.zeros((rows, width), np.int32),
                "length": np.ones(rows, np.int32), "key": np.zeros((rows, *request_key(0).shape), np.uint32),
