@@ -139,9 +139,18 @@ def report(compiled, chip: Chip, devices) -> dict:
         temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB, total_gib=total / GiB,
         hbm_gib=chip.hbm_bytes / GiB, headroom_gib=(chip.hbm_bytes - total) / GiB, fits=total <= chip.hbm_bytes,
         compiler_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
-        # Pallas/Mosaic kernels in the compiled program (splash attention: forward, dq, dkv per call)
-        pallas_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        pallas_kernels=pallas_kernel_calls(compiled),
     )
+
+
+def pallas_kernel_calls(compiled) -> int:
+    """Pallas/Mosaic kernels in the compiled program (splash attention: forward, dq, dkv per call);
+    -1 where the compiled HLO cannot be printed (XLA's printer fails on some async programs,
+    e.g. the 65B LoRA step on v5p-8: 'async-update instruction should have 1 operands')."""
+    try:
+        return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    except jax.errors.JaxRuntimeError:
+        return -1
 
 
 def format_report(r: dict) -> str:
