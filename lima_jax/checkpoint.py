@@ -71,6 +71,17 @@ def restore_params(path, abstract_params, shardings) -> dict:
     return restored[PARAMS]
 
 
+def restore_params_part(path, abstract_part, shardings) -> dict:
+    """Some leaves of a checkpoint's `params` (`abstract_part`: a subtree of its nested dict),
+    restored into `shardings`; the rest is not read (a base read one tensor at a time)."""
+    root, step = locate(path)
+    target = target_tree(abstract_part, shardings)
+    with manager(root, read_only=True) as mngr:
+        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
+    return restored[PARAMS]
+
+
 @dataclasses.dataclass
 class CheckpointMeta:
     """The one `meta` record of every checkpoint: written by training and conversion, read by

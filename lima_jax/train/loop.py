@@ -213,11 +213,46 @@ def load_base(run: Run) -> dict:
                       donate_argnums=0)
     if config.init_checkpoint:
         log(f"LoRA base (frozen, {lora.base_dtype}) from {config.init_checkpoint}")
+        if lora.base_dtype == "int8":
+            return read_int8_base(config.init_checkpoint, cfg, dense_shardings, program.state_shardings.base)
         dtype = jnp.float32 if lora.base_dtype == "float32" else jnp.bfloat16  # int8 is quantized from bfloat16
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params(cfg))
         return to_base(ckpt.restore_params(config.init_checkpoint, abstract, dense_shardings))
     log(f"LoRA base (frozen, {lora.base_dtype}): random init of seed {config.seed}")
     return to_base(jax.jit(init_params, static_argnums=0, out_shardings=dense_shardings)(cfg, jax.random.key(config.seed)))
+
+
+def read_int8_base(path, cfg, dense_shardings, base_shardings) -> dict:
+    """An int8 base read one layer matrix at a time (restored in bfloat16, then quantized on the
+    devices), so they never hold the whole bfloat16 base beside its int8 copy."""
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract_params(cfg))
+    matrices = {("layers", *path_): n_in for path_, n_in in lora_lib.TARGETS.values()}
+    base = ckpt.restore_params_part(path, _without(abstract, matrices), _without(dense_shardings, matrices))
+    for key, n_in in matrices.items():
+        leaf = _get(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
+        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=_get(base_shardings, key),
+                           donate_argnums=0)
+        node = base
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = quantize(leaf)
+    return base
+
+
+def _get(tree: dict, key: tuple):
+    for k in key:
+        tree = tree[k]
+    return tree
+
+
+def _only(tree: dict, key: tuple) -> dict:  # the nested dict holding just the leaf at `key`
+    return {key[0]: _only(tree[key[0]], key[1:])} if len(key) > 1 else {key[0]: tree[key[0]]}
+
+
+def _without(tree: dict, keys, prefix: tuple = ()) -> dict:  # the nested dict without the leaves at `keys`
+    out = {k: _without(v, keys, prefix + (k,)) if isinstance(v, dict) else v for k, v in tree.items()
+           if prefix + (k,) not in keys}
+    return {k: v for k, v in out.items() if v != {}}  # no empty branches: Orbax reads them as leaves
 
 
 def log_plan(run: Run) -> None:
