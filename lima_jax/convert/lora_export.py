@@ -9,12 +9,10 @@ b [layers, rank, *out] (lima_jax.model.lora); its `lora_alpha` / `r` scale is ou
 """
 
 import json
-import pathlib
-import shutil
 
 import numpy as np
 
-from lima_jax import checkpoint
+from lima_jax import checkpoint, storage
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.safety import check_output_location, refuse_existing
 from lima_jax.convert.to_hf import _SafetensorsStream
@@ -66,7 +64,7 @@ def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", o
     `base_model_name_or_path` goes into adapter_config.json (where the HF export of the base lives).
     Atomic: written to `<output>.tmp-export` and renamed when complete."""
     check_output_location(checkpoint_path, output, overwrite=overwrite)
-    out = pathlib.Path(output)
+    out = storage.path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     tmp = out.parent / f"{out.name}.tmp-export"
@@ -81,10 +79,10 @@ def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", o
                 stream.add(k, v.astype(np.float32))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lora, base_model_name_or_path), indent=2))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     if out.exists():
-        shutil.rmtree(out)
+        out.rmtree()
     tmp.rename(out)
     return {"output": str(out), "tensors": len(tensors), "bytes_written": sum(s[2] for s in specs), "lora": lora}
 
