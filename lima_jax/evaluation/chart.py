@@ -34,13 +34,7 @@ def preference_chart(rows: Sequence[tuple[str, float, float, float]], path: str,
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(rows) > 1 else -0.35), ncol=3, frameon=False)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    storage.path(path).write_bytes(buffer.getvalue())
+    _save(fig, ax, path)
 
 
 def grade_chart(counts: dict[int, int], path: str, title: str) -> None:
@@ -61,10 +55,17 @@ def grade_chart(counts: dict[int, int], path: str, title: str) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel("helpfulness grade")
     ax.set_title(title, fontsize=10)
+    _save(fig, ax, path)
+
+
+def _save(fig, ax, path) -> None:
+    """The figure without top and right spines, as a PNG at `path` (local or gs://)."""
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt  # imported by the callers already (Agg chosen there)
+
     plt.close(fig)
     storage.path(path).write_bytes(buffer.getvalue())
