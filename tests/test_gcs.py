@@ -42,7 +42,9 @@ class LocalGCS:
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while not self.ready():
-            assert self.proc.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()  # never leave the server behind a failed start
+                raise AssertionError("fake-gcs-server did not start")
             time.sleep(0.1)
 
     def ready(self) -> bool:

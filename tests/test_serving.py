@@ -70,19 +70,24 @@ def server(ckpt, tmp_path_factory):
                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, open(log.name).read()[-3000:]
+    try:  # the server is stopped however the module ends, a failed start included
+        while True:
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not start in 300 s:\n" + open(log.name).read()[-3000:]
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "the server did not start in 300 s:\n" + open(log.name).read()[-3000:]
-        time.sleep(1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
