@@ -12,9 +12,9 @@ import json
 
 import numpy as np
 
-from lima_jax import checkpoint, storage
+from lima_jax import checkpoint
 from lima_jax.convert.errors import ConversionError
-from lima_jax.convert.safety import check_output_location, refuse_existing
+from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.to_hf import _SafetensorsStream
 from lima_jax.model.lora import HF_MODULES, TARGETS, LoraConfig
 
@@ -63,27 +63,15 @@ def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", o
     """Write the PEFT adapter folder of a LoRA checkpoint (work dir, manager root or step).
     `base_model_name_or_path` goes into adapter_config.json (where the HF export of the base lives).
     Atomic: written to `<output>.tmp-export` and renamed when complete."""
-    check_output_location(checkpoint_path, output, overwrite=overwrite)
-    out = storage.path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    tmp = out.parent / f"{out.name}.tmp-export"
-    refuse_existing(tmp, "export")
+    out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
     lora = lora_settings(checkpoint.read_meta(checkpoint_path), checkpoint_path)
     tensors = peft_tensors(read_adapters(checkpoint_path, lora), lora)
-    tmp.mkdir(parents=True)
-    try:
+    with writing_into(tmp, out):
         specs = [(k, v.shape, v.nbytes) for k, v in tensors.items()]
         with _SafetensorsStream(tmp / ADAPTER_WEIGHTS, specs, "float32") as stream:
             for k, v in tensors.items():
                 stream.add(k, v.astype(np.float32))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lora, base_model_name_or_path), indent=2))
-    except BaseException:
-        tmp.rmtree(missing_ok=True)
-        raise
-    if out.exists():
-        out.rmtree()
-    tmp.rename(out)
     return {"output": str(out), "tensors": len(tensors), "bytes_written": sum(s[2] for s in specs), "lora": lora}
 
 

@@ -5,8 +5,13 @@ rename it when complete. An existing temporary folder is someone else's (an inte
 another conversion at work): it is refused with a message, never removed.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 
+from etils import epath
+
+from lima_jax import storage
 from lima_jax.convert.errors import ConversionError
 
 
@@ -37,3 +42,28 @@ def refuse_existing(tmp, what: str) -> None:
     if tmp.exists():
         raise ConversionError(f"{tmp} already exists (left by an interrupted {what}, or one still running); "
                               f"remove it yourself once no {what} is using it, then rerun")
+
+
+def export_target(input_path, output, *, overwrite: bool) -> tuple[epath.Path, epath.Path]:
+    """(output, its `.tmp-export` sibling) for an export, once every refusal has passed."""
+    check_output_location(input_path, output, overwrite=overwrite)
+    out = storage.path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    tmp = out.parent / f"{out.name}.tmp-export"
+    refuse_existing(tmp, "export")
+    return out, tmp
+
+
+@contextlib.contextmanager
+def writing_into(tmp: epath.Path, out: epath.Path) -> Iterator[epath.Path]:
+    """Yield `tmp` (created here) to write into; when done it replaces `out`, on failure it is removed."""
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.rmtree(missing_ok=True)
+        raise
+    if out.exists():
+        out.rmtree()
+    tmp.rename(out)

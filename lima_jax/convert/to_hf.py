@@ -24,7 +24,7 @@ from lima_jax import checkpoint, storage
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
-from lima_jax.convert.safety import check_output_location, refuse_existing
+from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files, processor
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
@@ -111,12 +111,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     `dtype` (float32 / bfloat16 / float16) defaults to the checkpoint's param_dtype. Atomic:
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
     layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
-    check_output_location(checkpoint_path, output, overwrite=overwrite)
-    out = storage.path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    tmp = out.parent / f"{out.name}.tmp-export"
-    refuse_existing(tmp, "export")
+    out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
     meta = checkpoint.read_meta(checkpoint_path)
     if not meta.model:
         raise ConversionError(f"{checkpoint_path}: its meta item has no model config")
@@ -141,8 +136,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     shards = plan_shards(tensors, max_shard_bytes)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
 
-    tmp.mkdir(parents=True)
-    try:
+    with writing_into(tmp, out):
         todo = iter(order)
         for name, shard in zip(names, shards):
             with _SafetensorsStream(tmp / name, shard, dtype) as stream:
@@ -159,12 +153,6 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot_id), indent=2))
         for name, contents in tok_files.items():
             (tmp / name).write_bytes(contents)
-    except BaseException:
-        tmp.rmtree(missing_ok=True)
-        raise
-    if out.exists():
-        out.rmtree()
-    tmp.rename(out)
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 
 
@@ -199,7 +187,6 @@ def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, proto: bytes | No
 def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
     """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
     one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-    from lima_jax import storage
 
     if tokenizer is not None:
         path = storage.path(tokenizer)
