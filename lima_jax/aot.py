@@ -96,7 +96,7 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
     return dict(report(compiled, chip, devices), step="train", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=layout.rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
                 attention=model_cfg.attention, layout=layout.describe(seq), rows_from=why,
-                model_flops_per_step=flops_per_token(model_cfg, seq) * layout.rows * seq)
+                model_flops_per_step=flops_per_token(model_cfg, seq, program.lora) * layout.rows * seq)
 
 
 def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: int = 256) -> dict:

@@ -48,7 +48,12 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tensor",)),
     ("norm", ()),
-    ("lora_rank", ()),  # LoRA adapters: the small rank axis is replicated, the others shard as the base's
+    # LoRA adapters: the small rank axis is replicated. An adapter without an `embed` axis (b of
+    # q/k/v/gate/up, a of o/down) shards its head_dim or mlp axis over fsdp instead, so no
+    # adapter or its moments sits whole on every device; fitted to the shape (`named_shardings`).
+    ("lora_rank", ()),
+    ("lora_head_dim", ("fsdp", "context")),
+    ("lora_mlp", ("tensor", "fsdp", "context")),
     # KV cache for sampling
     ("cache_layers", ()),
     ("cache_batch", ("data", "fsdp")),
@@ -83,13 +88,26 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh.axis_names))
 
 
-def named_shardings(logical_tree, mesh: Mesh):
-    """A tree of logical-name tuples (or PartitionSpecs of names) -> NamedShardings on `mesh`."""
-    return jax.tree.map(
-        lambda axes: NamedSharding(mesh, logical_to_spec(tuple(axes), mesh.axis_names)),
-        logical_tree,
-        is_leaf=lambda x: isinstance(x, (tuple, P)),
-    )
+def named_shardings(logical_tree, mesh: Mesh, shapes=None):
+    """A tree of logical-name tuples (or PartitionSpecs of names) -> NamedShardings on `mesh`.
+    With `shapes` (a matching tree of arrays or ShapeDtypeStructs) a dimension keeps only the
+    leading mesh axes whose product divides it."""
+    is_axes = lambda x: isinstance(x, (tuple, P))  # noqa: E731
+    shardings = jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(tuple(axes), mesh.axis_names)),
+                             logical_tree, is_leaf=is_axes)
+    if shapes is None:
+        return shardings
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s.spec, x.shape, mesh)), shardings, shapes)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    out = []
+    for entry, size in zip((*spec, *(None,) * (len(shape) - len(spec))), shape):
+        axes = list(entry if isinstance(entry, tuple) else (entry,) if entry else ())
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()
+        out.append(axes[0] if len(axes) == 1 else (tuple(axes) or None))
+    return P(*out)
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1, context: int = 1

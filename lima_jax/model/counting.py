@@ -1,5 +1,7 @@
 """Parameter count and training FLOPs per token, from the config alone."""
 
+import math
+
 from lima_jax.model.config import ModelConfig
 
 
@@ -12,9 +14,18 @@ def param_count(cfg: ModelConfig, padded: bool = False) -> int:
     return 2 * v * d + d + cfg.n_layers * per_layer
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, lora=None) -> float:
     """Training FLOPs per token (forward + backward), PaLM's MFU convention: 6 x the matmul
     parameters (all but the embedding lookup) + 12 x layers x dim x seq for attention scores
-    and values (counted in full, without the causal half). Remat recomputation is not counted."""
+    and values (counted in full, without the causal half). Remat recomputation is not counted.
+
+    With `lora` (a LoraConfig) the base is frozen: its matmuls cost 4 x (forward and input
+    gradients, no weight gradients), the adapters 6 x their parameters."""
     matmul_params = param_count(cfg) - cfg.vocab_size * cfg.dim
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    attention = 12.0 * cfg.n_layers * cfg.dim * seq_len
+    if lora is None:
+        return 6.0 * matmul_params + attention
+    from lima_jax.model.lora import adapter_shapes  # lora imports the model; counting is imported by it
+
+    adapters = sum(math.prod(a) + math.prod(b) for a, b in adapter_shapes(cfg, lora).values())
+    return 4.0 * matmul_params + 6.0 * adapters + attention

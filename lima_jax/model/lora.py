@@ -187,16 +187,26 @@ def abstract_adapters(cfg: ModelConfig, lora: LoraConfig) -> dict:
 
 def adapter_logical_axes(cfg: ModelConfig, lora: LoraConfig) -> dict:
     """Logical axes of the adapters: a weight's input axes then `lora_rank`, `lora_rank` then its
-    output axes, so they shard by the base's rules."""
+    output axes, so they shard by the base's rules; head_dim and mlp take the adapters' own rules
+    (sharded over fsdp, where the base's embed axis is)."""
     from lima_jax.model.transformer import param_logical_axes
 
     base = param_logical_axes(cfg)["layers"]
+    own = {"head_dim": "lora_head_dim", "mlp": "lora_mlp"}
     tree: dict = {}
     for name in lora.targets:
         path, n_in = TARGETS[name]
-        axes = tuple(_get(base, path))  # ("layers", *in, *out)
+        axes = tuple(own.get(a, a) for a in _get(base, path))  # ("layers", *in, *out)
         _set(tree, ("layers", *path), {"a": (*axes[:1 + n_in], RANK_AXIS), "b": (axes[0], RANK_AXIS, *axes[1 + n_in:])})
     return tree
+
+
+def adapter_shardings(cfg: ModelConfig, lora: LoraConfig, mesh) -> dict:
+    """NamedShardings of the adapters on `mesh` (fitted to their shapes: a small dim keeps only
+    the mesh axes that divide it)."""
+    from lima_jax.sharding import named_shardings
+
+    return named_shardings(adapter_logical_axes(cfg, lora), mesh, abstract_adapters(cfg, lora))
 
 
 def init_adapters(cfg: ModelConfig, lora: LoraConfig, key: jax.Array) -> dict:

@@ -243,11 +243,10 @@ def _merged_lora_params(checkpoint_path, meta, cfg: ModelConfig, mesh: Mesh, sha
     in `cfg.param_dtype`."""
     from lima_jax import checkpoint
     from lima_jax.model import abstract_params, init_params, lora as lora_lib
-    from lima_jax.sharding import named_shardings
 
     lora = lora_lib.LoraConfig.from_record(meta.lora)
     adapters = checkpoint.restore_params(checkpoint_path, lora_lib.abstract_adapters(cfg, lora),
-                                         named_shardings(lora_lib.adapter_logical_axes(cfg, lora), mesh))
+                                         lora_lib.adapter_shardings(cfg, lora, mesh))
     base_path = meta.lora.get("base_checkpoint")
     if base_path:
         dtype = "float32" if lora.base_dtype == "float32" else "bfloat16"  # an int8 base is quantized from bfloat16

@@ -288,7 +288,7 @@ class StepLoop:
     def __init__(self, run: Run, start: int):
         self.run, self.train_iter = run, run.train_iter
         self.writer = MetricsWriter(run.workdir, start)
-        self.flops_per_real_token = flops_per_token(run.program.model_cfg, run.plan.seq_len)
+        self.flops_per_real_token = flops_per_token(run.program.model_cfg, run.plan.seq_len, run.program.lora)
         self.peak = peak_flops_per_device(override=run.config.train.peak_flops_per_device)
         self.progress = progress_bar(start, run.total_steps)
         self.dropout_key = jax.random.key(run.config.seed + 1)  # the init key is config.seed

@@ -33,12 +33,13 @@ def abstract_train_state(model_cfg, optimizer, mesh: Mesh, lora: lora_lib.LoraCo
     """(ShapeDtypeStructs, shardings) of the train state: the optimizer moments follow their
     parameters' shardings; optimizer scalars (counts) are replicated."""
     if lora is None:
-        params, axes, base, base_shardings = abstract_params(model_cfg), param_logical_axes(model_cfg), None, None
+        params, base, base_shardings = abstract_params(model_cfg), None, None
+        param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
     else:
-        params, axes = lora_lib.abstract_adapters(model_cfg, lora), lora_lib.adapter_logical_axes(model_cfg, lora)
+        params, param_shardings = (lora_lib.abstract_adapters(model_cfg, lora),
+                                   lora_lib.adapter_shardings(model_cfg, lora, mesh))
         base = lora_lib.abstract_base(model_cfg, lora)
         base_shardings = named_shardings(lora_lib.base_logical_axes(model_cfg, lora), mesh)
-    param_shardings = named_shardings(axes, mesh)
     replicated = NamedSharding(mesh, P())
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
