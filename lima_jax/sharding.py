@@ -49,11 +49,12 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("tensor",)),
     ("norm", ()),
     # LoRA adapters: the small rank axis is replicated. An adapter without an `embed` axis (b of
-    # q/k/v/gate/up, a of o/down) shards its head_dim or mlp axis over fsdp instead, so no
-    # adapter or its moments sits whole on every device; fitted to the shape (`named_shardings`).
+    # q/k/v/gate/up/head, a of o/down) shards its head_dim, mlp or vocab axis over fsdp instead,
+    # so no adapter or its moments sits whole on every device; fitted to the shape (`named_shardings`).
     ("lora_rank", ()),
     ("lora_head_dim", ("fsdp", "context")),
     ("lora_mlp", ("tensor", "fsdp", "context")),
+    ("lora_vocab", ("tensor", "fsdp", "context")),
     # KV cache for sampling
     ("cache_layers", ()),
     ("cache_batch", ("data", "fsdp")),

@@ -16,7 +16,7 @@ from lima_jax.model import abstract_params, bind, init_params, lora as lora_lib,
 from lima_jax.train.loss import lm_loss
 from tests.references import MODEL_GQA, MODEL_MHA, hf_model, hf_params
 
-LORA_ALL = lora_lib.LoraConfig(rank=4, alpha=8.0)
+LORA_ALL = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=lora_lib.TARGET_NAMES)  # the head too
 LORA_QV = lora_lib.LoraConfig(rank=3, alpha=5.0, targets=("q", "v", "down"))
 
 
@@ -31,7 +31,7 @@ def peft_model(hf, cfg, lora, adapters):
     config = peft.LoraConfig(**{k: v for k, v in adapter_config(lora).items()
                                 if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias")})
     model = peft.get_peft_model(hf, config)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in peft_tensors(jax.device_get(adapters), lora).items()}
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in peft_tensors(jax.device_get(adapters), lora, cfg.vocab_size).items()}
     result = peft.set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys, result.unexpected_keys
     return model
@@ -68,13 +68,14 @@ def test_adapter_gradients_match_peft(transposed_wgrad):
     logits = model(torch.tensor(tokens)).logits
     torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), torch.tensor(targets).reshape(-1)).backward()
     expected = {n.replace(".default", ""): p.grad.numpy() for n, p in model.named_parameters() if p.requires_grad}
-    assert len(expected) == 2 * len(lora.targets) * cfg.n_layers  # PEFT trains exactly the adapters
+    assert len(expected) == 2 * (len(lora.targets) - 1) * cfg.n_layers + 2  # PEFT trains exactly the adapters
+    assert "base_model.model.lm_head.lora_B.weight" in expected  # the head's among them
 
     batch = dict(tokens=tokens, targets=targets, positions=np.broadcast_to(np.arange(64), tokens.shape),
                  segment_ids=np.ones_like(tokens), loss_weights=np.ones(tokens.shape, np.float32))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     grads = jax.jit(jax.grad(lambda ad: lm_loss(cfg, lora_lib.attach(base, ad, lora), batch)[0]))(adapters)
-    ours = peft_tensors(jax.device_get(grads), lora)
+    ours = peft_tensors(jax.device_get(grads), lora, cfg.vocab_size)
     assert sorted(ours) == sorted(expected)
     for name in expected:
         np.testing.assert_allclose(ours[name], expected[name], atol=2e-6, rtol=1e-4, err_msg=name)

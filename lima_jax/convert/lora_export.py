@@ -4,7 +4,8 @@ Face export of the base (`export_hf` of the checkpoint the adapters were trained
 
 PEFT's names and layout: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
 [rank, in] and `...lora_B.weight` [out, rank], from our stacked a [layers, *in, rank] and
-b [layers, rank, *out] (lima_jax.model.lora); its `lora_alpha` / `r` scale is ours.
+b [layers, rank, *out] (lima_jax.model.lora); `base_model.model.lm_head.lora_{A,B}.weight`
+for an adapted head (its padding rows cut to the vocabulary); its `lora_alpha` / `r` scale is ours.
 (The merged Hugging Face export of a LoRA checkpoint is `export_hf`'s.)
 """
 
@@ -16,7 +17,7 @@ from lima_jax import checkpoint
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.to_hf import _SafetensorsStream
-from lima_jax.model.lora import HF_MODULES, TARGETS, LoraConfig
+from lima_jax.model.lora import HEAD, HF_MODULES, TARGETS, LoraConfig, get_path, set_path, target_path
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -28,12 +29,16 @@ def lora_settings(meta: checkpoint.CheckpointMeta, checkpoint_path) -> LoraConfi
     return lora
 
 
-def peft_tensors(adapters: dict, lora: LoraConfig) -> dict[str, np.ndarray]:
-    """PEFT's state dict (name -> array) of stacked adapters (`{"layers": {module: {weight: {a, b}}}}`)."""
+def peft_tensors(adapters: dict, lora: LoraConfig, vocab_size: int) -> dict[str, np.ndarray]:
+    """PEFT's state dict (name -> array) of our adapters (`{"layers": {module: {weight: {a, b}}}}`,
+    and `{"lm_head": {a, b}}` for an adapted head)."""
     out = {}
     for name in lora.targets:
-        (module, weight), _ = TARGETS[name]
-        a, b = (np.asarray(adapters["layers"][module][weight][k]) for k in ("a", "b"))
+        a, b = (np.asarray(get_path(adapters, target_path(name)[0])[k]) for k in ("a", "b"))
+        if name == HEAD:
+            out["base_model.model.lm_head.lora_A.weight"] = a.T
+            out["base_model.model.lm_head.lora_B.weight"] = b[:, :vocab_size].T
+            continue
         for i in range(a.shape[0]):
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[name]}"
             out[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, lora.rank).T
@@ -51,12 +56,12 @@ def adapter_config(lora: LoraConfig, base_model_name_or_path: str = "") -> dict:
 def read_adapters(checkpoint_path, lora: LoraConfig) -> dict:
     """The adapters of a LoRA checkpoint as numpy arrays (they are small: read whole)."""
     reader = checkpoint.ParamsReader(checkpoint_path)
-    adapters: dict = {"layers": {}}
+    adapters: dict = {}
     for name in lora.targets:
-        (module, weight), _ = TARGETS[name]
-        adapters["layers"].setdefault(module, {})[weight] = {
-            k: np.asarray(reader.read(("layers", module, weight, k)), np.float32) for k in ("a", "b")}
+        path = target_path(name)[0]
+        set_path(adapters, path, {k: np.asarray(reader.read((*path, k)), np.float32) for k in ("a", "b")})
     return adapters
+
 
 
 def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", overwrite: bool = False) -> dict:
@@ -65,7 +70,8 @@ def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", o
     Atomic: written to `<output>.tmp-export` and renamed when complete."""
     out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
     lora = lora_settings(checkpoint.read_meta(checkpoint_path), checkpoint_path)
-    tensors = peft_tensors(read_adapters(checkpoint_path, lora), lora)
+    meta = checkpoint.read_meta(checkpoint_path)
+    tensors = peft_tensors(read_adapters(checkpoint_path, lora), lora, meta.model["vocab_size"])
     with writing_into(tmp, out):
         specs = [(k, v.shape, v.nbytes) for k, v in tensors.items()]
         with _SafetensorsStream(tmp / ADAPTER_WEIGHTS, specs, "float32") as stream:
@@ -90,17 +96,20 @@ class MergedReader:
         self.base = checkpoint.ParamsReader(base)
         self.adapters = read_adapters(checkpoint_path, self.lora)
         self.inputs = {("layers", *path): n_in for path, n_in in TARGETS.values()}  # layer matrices: input dims
+        self.pairs = {target_path(name)[0]: name for name in self.lora.targets}
 
     def array(self, path: tuple[str, ...]):
         return self.base.array(path)
 
     def read(self, path: tuple[str, ...], index=None) -> np.ndarray:
         w = self._as_trained(path, self.base.read(path, index), stacked=index is None)
-        pair = self.adapters.get("layers", {}).get(path[1], {}).get(path[2]) if len(path) == 3 else None
-        if pair is None:
+        if path not in self.pairs:
             return w
-        a, b = (pair[k] if index is None else pair[k][None, index] for k in ("a", "b"))
-        delta = np.matmul(a.reshape(a.shape[0], -1, self.lora.rank), b.reshape(b.shape[0], self.lora.rank, -1))
+        _, lead, _ = target_path(self.pairs[path])
+        pair = get_path(self.adapters, path)
+        a, b = (pair[k] if index is None else pair[k][None, index] for k in ("a", "b"))  # index: one layer
+        rank = self.lora.rank
+        delta = np.matmul(a.reshape(*a.shape[:lead], -1, rank), b.reshape(*b.shape[:lead], rank, -1))
         return w + delta.reshape(w.shape) * np.float32(self.lora.scale)
 
     def _as_trained(self, path, w: np.ndarray, stacked: bool) -> np.ndarray:

@@ -4,6 +4,8 @@ The adapters are their own parameter tree, `{"layers": {"attn": {"wq": {"a", "b"
 for a weight W [*in, *out] (stacked on `layers`), `a` [layers, *in, rank] and
 `b` [layers, rank, *out], so the layer computes x W + (x a) b * alpha / rank, b starting at
 zero (the adapted model starts as the base). Only this tree is differentiated and optimized.
+The output head may be adapted too (target `head`, torchtune's `apply_lora_to_output`):
+`{"lm_head": {"a" [dim, rank], "b" [rank, vocab]}}`, merged into the head before the loss.
 
 `attach(base, adapters)` puts a `LoraWeight` (base weight, a, b, scale) where each targeted
 weight was; the layers read it like an array and `dense` adds the low-rank term, so the model
@@ -30,9 +32,11 @@ TARGETS: dict[str, tuple[tuple[str, str], int]] = {
     "q": (("attn", "wq"), 1), "k": (("attn", "wk"), 1), "v": (("attn", "wv"), 1), "o": (("attn", "wo"), 2),
     "gate": (("mlp", "w1"), 1), "up": (("mlp", "w3"), 1), "down": (("mlp", "w2"), 1),
 }
+HEAD = "head"  # the output head [dim, vocab]: not stacked on layers, never quantized
+TARGET_NAMES = (*TARGETS, HEAD)
 # Hugging Face module names of the targets (PEFT's `target_modules`).
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", HEAD: "lm_head"}
 BASE_DTYPES = ("bfloat16", "float32", "int8")
 QUANTIZED = tuple(path for path, _ in TARGETS.values())  # an int8 base stores every layer matrix quantized
 RANK_AXIS = "lora_rank"
@@ -45,7 +49,7 @@ class LoraConfig:
     rank: int
     alpha: float
     dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(TARGETS)
+    targets: tuple[str, ...] = tuple(TARGETS)  # the layer matrices; add HEAD for the output head
     base_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -55,9 +59,9 @@ class LoraConfig:
             raise ValueError(f"config.lora.alpha={self.alpha!r}: must be > 0 (the update is scaled by alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config.lora.dropout={self.dropout!r}: must be in [0, 1)")
-        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown = [t for t in self.targets if t not in TARGET_NAMES]
         if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"config.lora.targets={tuple(self.targets)!r}: distinct names among {tuple(TARGETS)}")
+            raise ValueError(f"config.lora.targets={tuple(self.targets)!r}: distinct names among {TARGET_NAMES}")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"config.lora.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}")
 
@@ -150,28 +154,43 @@ def base_weight(w):
 
 # ---- the adapter tree ----
 
-def _get(tree: dict, path: tuple[str, ...]):
+def get_path(tree: dict, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]...: a leaf or subtree of a nested dict."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    """tree[path[0]][path[1]]... = value, making the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
+def target_path(name: str) -> tuple[tuple[str, ...], int, int]:
+    """(path in the params tree, leading stacked dims, input dims) of a target's weight."""
+    if name == HEAD:
+        return ("lm_head",), 0, 1
+    path, n_in = TARGETS[name]
+    return ("layers", *path), 1, n_in
+
+
+def _split(name: str, dims: tuple) -> tuple[tuple, tuple]:
+    """A weight's dims (sizes or logical names) -> its adapter's (a dims, b dims) around the rank."""
+    _, lead, n_in = target_path(name)
+    return (*dims[:lead + n_in], RANK_AXIS), (*dims[:lead], RANK_AXIS, *dims[lead + n_in:])
+
+
 def adapter_shapes(cfg: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """target -> (a shape, b shape), both with the leading layers axis."""
+    """target -> (a shape, b shape); a layer matrix's keep the leading layers axis."""
     from lima_jax.model.transformer import abstract_params  # the base's shapes, written once there
 
-    base = abstract_params(cfg)["layers"]
+    base = abstract_params(cfg)
     out = {}
     for name in lora.targets:
-        path, n_in = TARGETS[name]
-        shape = _get(base, path).shape  # [layers, *in, *out]
-        out[name] = ((shape[0], *shape[1:1 + n_in], lora.rank), (shape[0], lora.rank, *shape[1 + n_in:]))
+        a, b = _split(name, get_path(base, target_path(name)[0]).shape)
+        out[name] = tuple(tuple(lora.rank if d == RANK_AXIS else d for d in dims) for dims in (a, b))
     return out
 
 
@@ -179,9 +198,8 @@ def abstract_adapters(cfg: ModelConfig, lora: LoraConfig) -> dict:
     """ShapeDtypeStructs of the adapters, in the model's param_dtype (what the optimizer updates)."""
     tree: dict = {}
     for name, (a, b) in adapter_shapes(cfg, lora).items():
-        path, _ = TARGETS[name]
-        _set(tree, ("layers", *path), {"a": jax.ShapeDtypeStruct(a, cfg.weight_dtype),
-                                       "b": jax.ShapeDtypeStruct(b, cfg.weight_dtype)})
+        set_path(tree, target_path(name)[0], {"a": jax.ShapeDtypeStruct(a, cfg.weight_dtype),
+                                          "b": jax.ShapeDtypeStruct(b, cfg.weight_dtype)})
     return tree
 
 
@@ -191,13 +209,13 @@ def adapter_logical_axes(cfg: ModelConfig, lora: LoraConfig) -> dict:
     (sharded over fsdp, where the base's embed axis is)."""
     from lima_jax.model.transformer import param_logical_axes
 
-    base = param_logical_axes(cfg)["layers"]
-    own = {"head_dim": "lora_head_dim", "mlp": "lora_mlp"}
+    base = param_logical_axes(cfg)
+    own = {"head_dim": "lora_head_dim", "mlp": "lora_mlp", "vocab": "lora_vocab"}
     tree: dict = {}
     for name in lora.targets:
-        path, n_in = TARGETS[name]
-        axes = tuple(own.get(a, a) for a in _get(base, path))  # ("layers", *in, *out)
-        _set(tree, ("layers", *path), {"a": (*axes[:1 + n_in], RANK_AXIS), "b": (axes[0], RANK_AXIS, *axes[1 + n_in:])})
+        path = target_path(name)[0]
+        a, b = _split(name, tuple(own.get(n, n) for n in get_path(base, path)))
+        set_path(tree, path, {"a": a, "b": b})
     return tree
 
 
@@ -213,38 +231,43 @@ def init_adapters(cfg: ModelConfig, lora: LoraConfig, key: jax.Array) -> dict:
     """a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default, Kaiming-uniform with a = sqrt(5)), b = 0."""
     tree: dict = {}
     for i, (name, (a, b)) in enumerate(adapter_shapes(cfg, lora).items()):
-        path, _ = TARGETS[name]
-        bound = 1.0 / np.sqrt(np.prod(a[1:-1]))
+        path, lead, _ = target_path(name)
+        bound = 1.0 / np.sqrt(np.prod(a[lead:-1]))
         a_init = jax.random.uniform(jax.random.fold_in(key, i), a, jnp.float32, -bound, bound)
-        _set(tree, ("layers", *path), {"a": a_init.astype(cfg.weight_dtype), "b": jnp.zeros(b, cfg.weight_dtype)})
+        set_path(tree, path, {"a": a_init.astype(cfg.weight_dtype), "b": jnp.zeros(b, cfg.weight_dtype)})
     return tree
 
 
 def attach(base: dict, adapters: dict, lora: LoraConfig, dropout_key: jax.Array | None = None) -> dict:
-    """The base params with each adapted weight replaced by its LoraWeight (no copies). With a
-    `dropout_key` (training) and `lora.dropout` > 0, every adapter of every layer draws its own mask."""
-    layers = dict(base["layers"])
-    layers = {module: dict(weights) for module, weights in layers.items()}
+    """The base params with each adapted layer weight replaced by its LoraWeight (no copies). With
+    a `dropout_key` (training) and `lora.dropout` > 0, every adapter of every layer draws its own
+    mask. An adapted head is merged (W + a b * scale in float32, without dropout): the chunked
+    loss reads the head as one matrix."""
+    layers = {module: dict(weights) for module, weights in base["layers"].items()}
+    out = dict(base, layers=layers)
     for i, name in enumerate(lora.targets):
-        path, _ = TARGETS[name]
-        pair = _get(adapters["layers"], path)
+        path = target_path(name)[0]
+        pair = get_path(adapters, path)
+        if name == HEAD:
+            out["lm_head"] = base["lm_head"].astype(pair["a"].dtype) + pair["a"] @ pair["b"] * lora.scale
+            continue
         keys = None
         if dropout_key is not None and lora.dropout > 0:
             n_layers = pair["a"].shape[0]
             keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(dropout_key, _DROPOUT_STREAM), i), n_layers)
-        _set(layers, path, LoraWeight(_get(layers, path), pair["a"], pair["b"], keys, lora.scale, lora.dropout))
-    return dict(base, layers=layers)
+        set_path(out, path, LoraWeight(get_path(out, path), pair["a"], pair["b"], keys, lora.scale, lora.dropout))
+    return out
 
 
 def merged(base: dict, adapters: dict, lora: LoraConfig, dtype) -> dict:
     """Plain params W + a b * scale in `dtype` (int8 weights dequantized), summed in float32."""
     params = jax.tree.map(lambda w: w.astype(dtype), base, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     for name in lora.targets:
-        path, _ = TARGETS[name]
-        w, pair = _get(base["layers"], path), _get(adapters["layers"], path)
+        path, lead, _ = target_path(name)
+        w, pair = get_path(base, path), get_path(adapters, path)
         a, b = (pair[k].astype(jnp.float32) for k in ("a", "b"))
-        delta = jnp.matmul(a.reshape(a.shape[0], -1, lora.rank), b.reshape(b.shape[0], lora.rank, -1))
-        _set(params["layers"], path, (w.astype(jnp.float32) + delta.reshape(w.shape) * lora.scale).astype(dtype))
+        delta = jnp.matmul(a.reshape(*a.shape[:lead], -1, lora.rank), b.reshape(*b.shape[:lead], lora.rank, -1))
+        set_path(params, path, (w.astype(jnp.float32) + delta.reshape(w.shape) * lora.scale).astype(dtype))
     return params
 
 
@@ -266,7 +289,7 @@ def frozen_base(params: dict, lora: LoraConfig) -> dict:
         return jax.tree.map(lambda w: w.astype(lora.base_dtype), params)
     out = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
     for path, n_in in TARGETS.values():
-        _set(out["layers"], path, quantize(_get(params["layers"], path), n_in))
+        set_path(out["layers"], path, quantize(get_path(params["layers"], path), n_in))
     return out
 
 
@@ -286,6 +309,6 @@ def base_logical_axes(cfg: ModelConfig, lora: LoraConfig) -> dict:
         return axes
     layers = {module: dict(weights) for module, weights in axes["layers"].items()}
     for path, n_in in TARGETS.values():
-        names = tuple(_get(layers, path))
-        _set(layers, path, QuantizedWeight(names, (names[0], *(None,) * n_in, *names[1 + n_in:])))
+        names = tuple(get_path(layers, path))
+        set_path(layers, path, QuantizedWeight(names, (names[0], *(None,) * n_in, *names[1 + n_in:])))
     return dict(axes, layers=layers)

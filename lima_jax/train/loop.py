@@ -229,20 +229,14 @@ def read_int8_base(path, cfg, dense_shardings, base_shardings) -> dict:
     matrices = {("layers", *path_): n_in for path_, n_in in lora_lib.TARGETS.values()}
     base = ckpt.restore_params_part(path, _without(abstract, matrices), _without(dense_shardings, matrices))
     for key, n_in in matrices.items():
-        leaf = _get(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
-        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=_get(base_shardings, key),
+        leaf = lora_lib.get_path(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
+        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=lora_lib.get_path(base_shardings, key),
                            donate_argnums=0)
         node = base
         for k in key[:-1]:
             node = node.setdefault(k, {})
         node[key[-1]] = quantize(leaf)
     return base
-
-
-def _get(tree: dict, key: tuple):
-    for k in key:
-        tree = tree[k]
-    return tree
 
 
 def _only(tree: dict, key: tuple) -> dict:  # the nested dict holding just the leaf at `key`
