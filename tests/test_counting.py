@@ -25,7 +25,9 @@ def compiled_flops(fn, *args) -> float:
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
-@pytest.mark.parametrize("lora", [None, lora_lib.LoraConfig(rank=8, alpha=16.0)], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [None, lora_lib.LoraConfig(rank=8, alpha=16.0),
+                                  lora_lib.LoraConfig(rank=8, alpha=16.0, targets=lora_lib.TARGET_NAMES)],
+                         ids=["full", "lora", "lora-with-head"])
 def test_flops_per_token_matches_the_compiler(lora):
     params = init_params(CFG, jax.random.key(0))
     if lora is None:

@@ -20,12 +20,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lora=None) -> float:
     and values (counted in full, without the causal half). Remat recomputation is not counted.
 
     With `lora` (a LoraConfig) the base is frozen: its matmuls cost 4 x (forward and input
-    gradients, no weight gradients), the adapters 6 x their parameters."""
-    matmul_params = param_count(cfg) - cfg.vocab_size * cfg.dim
+    gradients, no weight gradients), the adapters 6 x their parameters; an adapted head is
+    merged into one matrix whose gradient is taken, so it stays at 6 x."""
+    head = cfg.vocab_size * cfg.dim
+    matmul_params = param_count(cfg) - head  # the embedding lookup is no matmul
     attention = 12.0 * cfg.n_layers * cfg.dim * seq_len
     if lora is None:
         return 6.0 * matmul_params + attention
-    from lima_jax.model.lora import adapter_shapes  # lora imports the model; counting is imported by it
+    from lima_jax.model.lora import HEAD, adapter_shapes  # lora imports the model; counting is imported by it
 
-    adapters = sum(math.prod(a) + math.prod(b) for a, b in adapter_shapes(cfg, lora).values())
-    return 4.0 * matmul_params + 6.0 * adapters + attention
+    trained = sum(math.prod(a) + math.prod(b) for a, b in adapter_shapes(cfg, lora).values())
+    trained += head if HEAD in lora.targets else 0
+    return 4.0 * (matmul_params - (head if HEAD in lora.targets else 0)) + 6.0 * trained + attention
