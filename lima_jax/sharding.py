@@ -102,6 +102,7 @@ def named_shardings(logical_tree, mesh: Mesh, shapes=None):
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` with, per dimension, trailing mesh axes dropped until their product divides its size."""
     out = []
     for entry, size in zip((*spec, *(None,) * (len(shape) - len(spec))), shape):
         axes = list(entry if isinstance(entry, tuple) else (entry,) if entry else ())

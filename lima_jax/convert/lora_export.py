@@ -63,14 +63,13 @@ def read_adapters(checkpoint_path, lora: LoraConfig) -> dict:
     return adapters
 
 
-
 def export_peft(checkpoint_path, output, *, base_model_name_or_path: str = "", overwrite: bool = False) -> dict:
     """Write the PEFT adapter folder of a LoRA checkpoint (work dir, manager root or step).
     `base_model_name_or_path` goes into adapter_config.json (where the HF export of the base lives).
     Atomic: written to `<output>.tmp-export` and renamed when complete."""
     out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
-    lora = lora_settings(checkpoint.read_meta(checkpoint_path), checkpoint_path)
     meta = checkpoint.read_meta(checkpoint_path)
+    lora = lora_settings(meta, checkpoint_path)
     tensors = peft_tensors(read_adapters(checkpoint_path, lora), lora, meta.model["vocab_size"])
     with writing_into(tmp, out):
         specs = [(k, v.shape, v.nbytes) for k, v in tensors.items()]

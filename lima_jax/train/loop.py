@@ -228,14 +228,12 @@ def read_int8_base(path, cfg, dense_shardings, base_shardings) -> dict:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract_params(cfg))
     matrices = {("layers", *path_): n_in for path_, n_in in lora_lib.TARGETS.values()}
     base = ckpt.restore_params_part(path, _without(abstract, matrices), _without(dense_shardings, matrices))
+    get, put = lora_lib.get_path, lora_lib.set_path
     for key, n_in in matrices.items():
-        leaf = lora_lib.get_path(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
-        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=lora_lib.get_path(base_shardings, key),
+        leaf = get(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
+        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=get(base_shardings, key),
                            donate_argnums=0)
-        node = base
-        for k in key[:-1]:
-            node = node.setdefault(k, {})
-        node[key[-1]] = quantize(leaf)
+        put(base, key, quantize(leaf))
     return base
 
 
