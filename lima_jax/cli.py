@@ -65,6 +65,7 @@ def guarded(main: Callable[[list[str]], object], argv: list[str]) -> object:
     if not traceback_requested():
         for handler in logging.getLogger().handlers:  # absl's, once app.run has started
             handler.addFilter(_drop_expected_tracebacks)
+        sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
     try:
         return main(argv)
     except Exception as e:  # classified below; anything unrecognised is re-raised
@@ -81,6 +82,21 @@ def _drop_expected_tracebacks(record: logging.LogRecord) -> bool:
     its traceback: those records are dropped, the final message says it once."""
     exc = record.exc_info[1] if record.exc_info else None
     return exc is None or describe(exc) is None
+
+
+def _without_closed_loop_callbacks(hook):
+    """`hook` (sys.unraisablehook) minus one benign report: when a save fails, Orbax's event loop
+    closes while some tensorstore writes are still running; their completion callbacks then find
+    the loop closed, and tensorstore reports each RuntimeError as unraisable (dozens of tracebacks
+    around the one message)."""
+    def unraisablehook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):  # raised straight from a native callback
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def traceback_requested() -> bool:
