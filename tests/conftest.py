@@ -41,3 +41,17 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.skip(f"needs_shared: {SHARED} is absent")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def stop_launched_runs():
+    """A run a test launched (tests/tiny_run.launch) does not outlive it, even when an assertion
+    failed while it ran (CI must end clean)."""
+    yield
+    from tests import tiny_run
+
+    for proc in tiny_run.LAUNCHED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    tiny_run.LAUNCHED.clear()

@@ -6,26 +6,21 @@ loaded by `peft` onto the Hugging Face export of the base decodes the same greed
 lima_jax's sampler (the independent reference: transformers + peft)."""
 
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.tiny_run import env, finish, losses, metric_rows, tiny_config
+from tests.tiny_run import finish, launch, losses, metric_rows, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BASE_EPOCHS = 3  # the base: the full demo run stopped early, so LoRA has something left to learn
 EPOCHS = 8  # of the LoRA run (the demo's 15 take longer than a test should)
 
 
-def launch_lora(workdir, cache, base, *overrides) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / "tiny_lora.py"),
-           "--workdir", str(workdir), f"--config.init_checkpoint={base}", "--config.train.sample_dev_prompts=0",
-           f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
-           f"--config.train.epochs={EPOCHS}", "--config.train.keep_epochs=()", *overrides]
-    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+def launch_lora(workdir, cache, base) -> subprocess.Popen:
+    return launch(workdir, cache, f"--config.init_checkpoint={base}", f"--config.train.epochs={EPOCHS}",
+                  "--config.train.keep_epochs=()", config="tiny_lora.py")
 
 
 def steps_saved(workdir) -> list[int]:

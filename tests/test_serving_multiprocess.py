@@ -84,5 +84,6 @@ def test_two_processes_serve_as_one(ckpt, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
         for log in logs:
             log.close()

@@ -15,13 +15,18 @@ def env(devices: int = 8) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def launch(workdir, cache, *overrides, devices=8, extra=()) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+LAUNCHED: list[subprocess.Popen] = []  # every run `launch` started; conftest kills those a test left running
+
+
+def launch(workdir, cache, *overrides, devices=8, extra=(), config="tiny.py") -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / config),
            "--workdir", str(workdir), "--config.train.sample_dev_prompts=0",
            f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
            *overrides, *extra]
-    return subprocess.Popen(cmd, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
+    LAUNCHED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: int = 400) -> str:

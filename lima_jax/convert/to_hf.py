@@ -187,7 +187,6 @@ def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, proto: bytes | No
 def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
     """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
     one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-
     if tokenizer is not None:
         path = storage.path(tokenizer)
         path = path / TOKENIZER_MODEL if path.is_dir() else path
