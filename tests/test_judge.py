@@ -223,6 +223,54 @@ def test_backoff_doubles_with_jitter_within_limits():
     assert [retryable(c) for c in (429, 500, 503, 400, 401, 404)] == [True, True, True, False, False, False]
 
 
+PARSE_IN_THREADS = """
+import sys, threading
+import openai
+from lima_jax.evaluation.cache import ReplyCache
+from lima_jax.evaluation.client import Judge, JudgeSettings
+from openai.types.chat import ChatCompletion
+if sys.argv[1] == "judge":
+    Judge(JudgeSettings(url="http://127.0.0.1:9", model="m"), ReplyCache(sys.argv[2]), progress=False)
+def models(cls=openai.BaseModel):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from models(sub)
+unbuilt = {m for m in models() if not m.__pydantic_complete__}
+top = {"token": "1", "logprob": -0.1, "bytes": [49]}
+reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "1"},
+                      "logprobs": {"content": [dict(top, top_logprobs=[top])]}}]}
+sys.setswitchinterval(1e-6)  # switch threads as often as possible: a race shows in most runs
+start, failures = threading.Barrier(32), []
+def parse():
+    start.wait()
+    try:
+        ChatCompletion.construct(**reply)
+    except Exception as e:
+        failures.append(repr(e))
+threads = [threading.Thread(target=parse) for _ in range(32)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(sum(m.__pydantic_complete__ for m in unbuilt), len(failures), failures[:1])
+"""
+
+
+@pytest.mark.parametrize("setup", ["judge", "none"])
+def test_replies_parse_in_worker_threads(setup, tmp_path):
+    """The judge's threads parse their first replies at the same moment; openai builds its reply models
+    lazily, on first use, and pydantic's lazy build is not thread-safe, so a Judge builds them up front.
+    Counted: the models built while threads parse (none may be, after a Judge; without one, some are,
+    so the count can catch a regression) and the threads that failed."""
+    out = subprocess.run([sys.executable, "-c", PARSE_IN_THREADS, setup, str(tmp_path / "cache.jsonl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    built_meanwhile, failed, first_failure = out.stdout.split(maxsplit=2)
+    if setup == "judge":
+        assert (built_meanwhile, failed) == ("0", "0"), first_failure
+    else:
+        assert int(built_meanwhile) > 0
+
+
 # ---- chart ----
 
 def test_preference_chart_is_a_png(tmp_path):

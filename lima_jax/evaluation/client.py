@@ -12,10 +12,13 @@ import dataclasses
 import random
 import threading
 import time
+import typing
 from collections.abc import Mapping, Sequence
 
 import openai
+import pydantic
 import tqdm
+from openai.types.chat import ChatCompletion
 
 from lima_jax.evaluation.cache import ReplyCache, cache_key
 
@@ -72,6 +75,7 @@ class Judge:
         self.settings, self.cache, self.progress = settings, cache, progress
         self.client = openai.OpenAI(base_url=settings.url, api_key=settings.api_key, max_retries=0,
                                     timeout=settings.timeout_s)
+        build_models(ChatCompletion)
         self.sent = self.from_cache = self.retries = 0
         self._count_lock = threading.Lock()
 
@@ -144,6 +148,24 @@ def reply_dict(response) -> dict:
         tokens = [{"token": t.token, "logprob": t.logprob, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
                   for t in content]
     return {"text": choice.message.content or "", "tokens": tokens, "finish_reason": choice.finish_reason}
+
+
+def build_models(model: type[pydantic.BaseModel], built: set | None = None) -> None:
+    """Builds `model` and every model its fields hold, now, in this thread. openai defers building its
+    reply models to first use, and pydantic's deferred build is not thread-safe: worker threads parsing
+    their first replies at once failed with "BaseModel cannot be instantiated directly" (a CI run)."""
+    built = set() if built is None else built
+    if model in built:
+        return
+    built.add(model)
+    model.model_rebuild()
+    annotations = [field.annotation for field in model.model_fields.values()]
+    while annotations:
+        annotation = annotations.pop()
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            build_models(annotation, built)
+        else:  # list[X], X | None, Optional[...]: look inside
+            annotations.extend(typing.get_args(annotation))
 
 
 def _retry_after(e: openai.APIStatusError) -> float | None:
