@@ -27,6 +27,7 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("DEFER_PYDANTIC_BUILD", "false")  # 16 threads parse at once: see lima_jax/evaluation/client.py
 
 import httpx  # noqa: E402
 import jax  # noqa: E402

@@ -7,6 +7,9 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Tests ask servers from many threads at once; openai's lazily built reply models are not safe to
+# build from several threads (see lima_jax/evaluation/client.py), so build them at import.
+os.environ.setdefault("DEFER_PYDANTIC_BUILD", "false")
 
 import pytest  # noqa: E402
 

@@ -262,8 +262,9 @@ def test_replies_parse_in_worker_threads(setup, tmp_path):
     lazily, on first use, and pydantic's lazy build is not thread-safe, so a Judge builds them up front.
     Counted: the models built while threads parse (none may be, after a Judge; without one, some are,
     so the count can catch a regression) and the threads that failed."""
+    env = {k: v for k, v in os.environ.items() if k != "DEFER_PYDANTIC_BUILD"}  # openai's default: lazy
     out = subprocess.run([sys.executable, "-c", PARSE_IN_THREADS, setup, str(tmp_path / "cache.jsonl")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     built_meanwhile, failed, first_failure = out.stdout.split(maxsplit=2)
     if setup == "judge":
         assert (built_meanwhile, failed) == ("0", "0"), first_failure
