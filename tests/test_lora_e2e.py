@@ -18,9 +18,12 @@ BASE_EPOCHS = 3  # the base: the full demo run stopped early, so LoRA has someth
 EPOCHS = 8  # of the LoRA run (the demo's 15 take longer than a test should)
 
 
-def launch_lora(workdir, cache, base) -> subprocess.Popen:
+RESUME_EPOCHS = 3  # the resume test stops at the end of epoch 3 (step 9), a step the uninterrupted run keeps
+
+
+def launch_lora(workdir, cache, base, *overrides) -> subprocess.Popen:
     return launch(workdir, cache, f"--config.init_checkpoint={base}", f"--config.train.epochs={EPOCHS}",
-                  "--config.train.keep_epochs=()", config="tiny_lora.py")
+                  f"--config.train.keep_epochs=({RESUME_EPOCHS},)", *overrides, config="tiny_lora.py")
 
 
 def steps_saved(workdir) -> list[int]:
@@ -98,7 +101,9 @@ def test_lora_demo_overfits_like_full_fine_tuning_and_saves_only_adapters(uninte
 
 def test_resume_after_sigkill_is_exact(tmp_path, cache, base, uninterrupted):
     workdir = tmp_path / "interrupted"
-    proc = launch_lora(workdir, cache, base)
+    stop = steps_saved(uninterrupted)[0]  # the end of epoch RESUME_EPOCHS
+    stop_at = f"--config.train.max_steps={stop}"
+    proc = launch_lora(workdir, cache, base, stop_at)
     start = time.time()
     while not steps_saved(workdir):  # SIGKILL as soon as the first checkpoint is complete
         assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -107,14 +112,15 @@ def test_resume_after_sigkill_is_exact(tmp_path, cache, base, uninterrupted):
     proc.kill()
     proc.wait()
     resumed_from = steps_saved(workdir)[-1]
-    out = finish(launch_lora(workdir, cache, base))
+    assert resumed_from < stop
+    out = finish(launch_lora(workdir, cache, base, stop_at))
     assert f"resuming from {workdir / 'checkpoints'}/{resumed_from}" in out and "LoRA base (frozen, bfloat16)" in out
-    (meta_a, a), (meta_b, b) = adapters(uninterrupted), adapters(workdir)
-    assert meta_a.step == meta_b.step
+    (meta_a, a), (meta_b, b) = adapters(uninterrupted / "checkpoints" / str(stop)), adapters(workdir)
+    assert meta_a.step == meta_b.step == stop
     import jax
 
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert losses(workdir) == losses(uninterrupted)
+    assert losses(workdir) == {step: loss for step, loss in losses(uninterrupted).items() if step <= stop}
 
 
 def test_peft_export_decodes_as_the_sampler(tmp_path, uninterrupted, base):

@@ -5,7 +5,6 @@ process 1."""
 
 import concurrent.futures
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from lima_jax.data.tokenizer import load_tokenizer
 from lima_jax.model import ModelConfig, init_params
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_env
 from tests.test_serving import free_port
 
 PROMPTS = [["Hi there"], ["What is a cat?", "A pet.", "Why?"], ["Tell me a long story about dogs and cats please"]]
@@ -44,7 +43,7 @@ def ckpt(tmp_path_factory):
 
 def test_two_processes_serve_as_one(ckpt, tmp_path):
     port, coordinator = free_port(), f"localhost:{free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = cpu_env(4)
     logs = [(tmp_path / f"serve{i}.log").open("w") for i in (0, 1)]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt, "--port",
                                str(port), "--coordinator_address", coordinator, "--num_processes", "2",

@@ -13,7 +13,8 @@ import pytest
 from lima_jax import checkpoint as ckpt
 from lima_jax.data import demo
 from lima_jax.train import loop
-from tests.tiny_run import env, finish, launch, metric_rows, tiny_config
+from tests.conftest import cpu_env
+from tests.tiny_run import finish, launch, metric_rows, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,8 +29,8 @@ def test_fewer_rows_than_batch_shards_trains_like_one_device(tmp_path, cache):
     (context parallel) instead of growing the batch. Reference: the same run on 1 device."""
     recipe = ("--config.data.examples_per_step=4", "--config.model.residual_dropout=0", "--config.train.epochs=1",
               "--config.train.max_steps=8")
-    out8 = finish(launch(tmp_path / "d8", cache, *recipe, "--config.mesh.fsdp=8"))
-    finish(launch(tmp_path / "d1", cache, *recipe, devices=1))
+    out8 = finish(launch(tmp_path / "d8", cache, *recipe, "--config.mesh.fsdp=8", fast_compile=True))
+    finish(launch(tmp_path / "d1", cache, *recipe, devices=1, fast_compile=True))
     assert "context parallel" in out8 and "48 steps over 1 epochs, 4 examples a step" in out8
     rows8, rows1 = ([r for r in metric_rows(tmp_path / d) if "loss" in r] for d in ("d8", "d1"))
     assert [r["step"] for r in rows8] == [r["step"] for r in rows1] == list(range(1, 9))
@@ -145,7 +146,7 @@ def test_processes_reading_different_data_are_refused(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(i), path, str(tmp_path / "w")],
-                              env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=pathlib.Path(__file__).parents[1])
              for i, path in enumerate((demo.DEMO_TRAIN, str(other)))]
     outs = [p.communicate(timeout=300)[0] for p in procs]

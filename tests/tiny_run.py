@@ -4,26 +4,20 @@ wrote (`losses`, `metric_rows`)."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
-
-
-def env(devices: int = 8) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
+from tests.conftest import ROOT, cpu_env
 
 LAUNCHED: list[subprocess.Popen] = []  # every run `launch` started; conftest kills those a test left running
 
 
-def launch(workdir, cache, *overrides, devices=8, extra=(), config="tiny.py") -> subprocess.Popen:
+def launch(workdir, cache, *overrides, devices=8, extra=(), config="tiny.py", fast_compile=False) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "launch" / "tpu_train.py"), "--config", str(ROOT / "configs" / config),
            "--workdir", str(workdir), "--config.train.sample_dev_prompts=0",
            f"--config.train.compilation_cache_dir={cache}", "--config.train.checkpoint_every_steps=4",
            *overrides, *extra]
-    proc = subprocess.Popen(cmd, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=cpu_env(devices, fast_compile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     LAUNCHED.append(proc)
     return proc
