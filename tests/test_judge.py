@@ -265,6 +265,7 @@ def test_replies_parse_in_worker_threads(setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEFER_PYDANTIC_BUILD"}  # openai's default: lazy
     out = subprocess.run([sys.executable, "-c", PARSE_IN_THREADS, setup, str(tmp_path / "cache.jsonl")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     built_meanwhile, failed, first_failure = out.stdout.split(maxsplit=2)
     if setup == "judge":
         assert (built_meanwhile, failed) == ("0", "0"), first_failure

@@ -14,7 +14,7 @@ from lima_jax import checkpoint as ckpt
 from lima_jax.data import demo
 from lima_jax.train import loop
 from tests.conftest import cpu_env
-from tests.tiny_run import finish, launch, metric_rows, tiny_config
+from tests.tiny_run import LAUNCHED, finish, launch, metric_rows, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -149,6 +149,7 @@ def test_processes_reading_different_data_are_refused(tmp_path):
                               env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=pathlib.Path(__file__).parents[1])
              for i, path in enumerate((demo.DEMO_TRAIN, str(other)))]
+    LAUNCHED.extend(procs)  # killed after the test should a communicate() time out
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for out in outs:
         assert "REFUSED process(es) [1] read different data than process 0" in out, out[-2000:]
