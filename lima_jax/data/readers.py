@@ -166,22 +166,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 # ---- record formats -> Conversation ----
 
-def _conversation(messages: list[tuple[str, object, str]], where: str, line: int, record: dict) -> Conversation:
-    """A Conversation from (role, content, field name) messages: an optional system message
-    first, then user and assistant turns alternating, starting with a user turn."""
+def _conversation(messages: list[tuple[str, object, str, str]], where: str, line: int, record: dict) -> Conversation:
+    """A Conversation from (role, content, role's field, content's field) messages: an optional
+    system message first, then user and assistant turns alternating, starting with a user turn."""
     system, turns = _optional_text(record, "system", where), []
-    for role, content, field in messages:
-        _check_text(content, field, where)
+    for role, content, role_field, field in messages:
         if role == "system":
             if turns or system is not None:
-                raise DataError(f"{where}: {field}: a second system message, or one after the first turn; "
+                raise DataError(f"{where}: {role_field}: a second system message, or one after the first turn; "
                                 f"only one system message, before the first user turn, is supported")
+            _check_text(content, field, where)
             system = content
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise DataError(f"{where}: {field}: the conversation starts with an assistant turn; it must start with "
-                            f"a user turn" if not turns else f"{where}: {field}: two {role} turns in a row")
+            raise DataError(f"{where}: {role_field}: the conversation starts with an assistant turn; it must start "
+                            f"with a user turn" if not turns else f"{where}: {role_field}: two {role} turns in a row")
+        _check_text(content, field, where)
         turns.append(content)
     if not turns:
         raise DataError(f"{where}: no user turn")
@@ -219,11 +220,12 @@ def _field(record, key: str, where: str, fmt: str, kind: type = object):
 def _lima(record, where: str, line: int) -> Conversation:
     turns = _field(record, "conversations", where, "lima", list)
     roles = ("user", "assistant")
-    return _conversation([(roles[i % 2], t, f"conversations[{i}]") for i, t in enumerate(turns)], where, line, record)
+    return _conversation([(roles[i % 2], t, f"conversations[{i}]", f"conversations[{i}]") for i, t in enumerate(turns)],
+                         where, line, record)
 
 
 def _role_messages(record, where: str, key: str, fmt: str, role_key: str, text_key: str,
-                   role_of: Callable[[object], str | None], allowed: str) -> list[tuple[str, object, str]]:
+                   role_of: Callable[[object], str | None], allowed: str) -> list[tuple[str, object, str, str]]:
     out = []
     for i, message in enumerate(_field(record, key, where, fmt, list)):
         field = f"{key}[{i}]"
@@ -233,7 +235,7 @@ def _role_messages(record, where: str, key: str, fmt: str, role_key: str, text_k
         if role is None:
             raise DataError(f"{where}: {field}.{role_key} is {message[role_key]!r}: only {allowed} messages train "
                             f"(tool and function calls cannot); remove the others from the record")
-        out.append((role, message[text_key], f"{field}.{text_key}"))
+        out.append((role, message[text_key], f"{field}.{role_key}", f"{field}.{text_key}"))
     return out
 
 
@@ -257,7 +259,8 @@ def _alpaca(record, where: str, line: int) -> Conversation:
     # converter joins them ("\n".join); Stanford's "### Input:" template is a prompt format, not data.
     extra = _optional_text(record, "input", where)
     prompt = instruction if extra is None else f"{instruction}\n{extra}"
-    return _conversation([("user", prompt, "instruction"), ("assistant", output, "output")], where, line, record)
+    return _conversation([("user", prompt, "instruction", "instruction"), ("assistant", output, "output", "output")],
+                         where, line, record)
 
 
 _PARSERS = {"lima": _lima, "openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca}
