@@ -52,6 +52,10 @@ def written(kind, tmp_path, conversations):
     if container == "jsonl":
         path = F.write_jsonl(tmp_path / "data.jsonl", records)
         return path, fmt, f"{path}:1"
+    if container == "json":  # one JSON array, as Stanford's alpaca_data.json
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(records, indent=2))
+        return str(path), fmt, f"{path}:row 0"
     if container == "parquet":
         path = F.write_parquet(tmp_path / "data.parquet", records)
         return path, fmt, f"{path}:row 0"
@@ -66,7 +70,7 @@ def written(kind, tmp_path, conversations):
     return f"hf://{tmp_path / 'hub'}", fmt, f"hf://{tmp_path / 'hub'}:row 0"
 
 
-KINDS = ["lima:jsonl", "openai:jsonl", "sharegpt:jsonl", "alpaca:jsonl", "openai:parquet", "lima:parquet",
+KINDS = ["lima:jsonl", "openai:jsonl", "sharegpt:jsonl", "alpaca:jsonl", "alpaca:json", "openai:parquet", "lima:parquet",
          "sharegpt:parquet", "alpaca:parquet", "openai:saved", "lima:shards", "openai:hf"]
 
 
@@ -80,7 +84,7 @@ def test_every_format_gives_lima_ids_and_weights(kind, tmp_path, tok):
     assert [(e["ids"].tolist(), e["weights"].tolist()) for e in examples] == expected
     assert [e["source"] for e in examples] == [c["source"] for c in conversations]
     assert examples[0]["where"] == first_where
-    if not kind.endswith("shards"):  # (lines count within each shard)
+    if not kind.endswith("shards"):  # (lines count within each shard; rows are numbered from 1 in `line`)
         assert [e["line"] for e in examples] == list(range(1, len(examples) + 1))
     assert stats.dropped_final_turns == (0 if kind.startswith("alpaca") else 1)
     explicit, _, named = load_examples(path, tok, 256, fmt=fmt)
@@ -194,7 +198,7 @@ def test_hf_dataset_offline_fails_at_once_with_a_clear_message(monkeypatch):
     start = time.time()
     with pytest.raises(DataError, match=r"^hf://GAIR/lima:test: the Hugging Face Hub is unreachable") as err:
         readers.read("hf://GAIR/lima:test")
-    assert time.time() - start < 5 and "HF_HUB_OFFLINE=1" in err.value.todo
+    assert time.time() - start < 5 and "set HF_HUB_OFFLINE=1" in str(err.value)
 
 
 def test_convert_format_round_trip(tmp_path, tok):

@@ -9,14 +9,15 @@ Record formats (`config.data.format`; `auto`, the default, detects it from the f
   top-level `system` too);
 - `alpaca`: `{"instruction": ..., "input": ... (optional), "output": ..., "system": ... (optional)}`.
 
-Where records come from (`config.data.train_path` / `dev_path`): a jsonl file (one record a line,
-local or gs://), a Parquet file (one record a row, the columns named as the fields above), a
-folder of shards (every `*.jsonl` and `*.parquet` in it, in name order), a folder written by
-`datasets`' `save_to_disk`, or `hf://NAME[:split]` (anything `datasets.load_dataset(NAME)`
-reads: a Hub dataset or a local folder; the split defaults to `train`).
+Where records come from (`config.data.train_path` / `dev_path`, local or gs://): a jsonl file (one
+record a line), a `.json` file holding one array of records (as Stanford's alpaca_data.json), a
+Parquet file (one record a row, the columns named as the fields above), a folder of shards (every
+`*.jsonl` and `*.parquet` in it, in name order), a folder written by `datasets`' `save_to_disk`,
+or `hf://NAME[:split]` (anything `datasets.load_dataset(NAME)` reads: a Hub dataset or a local
+folder; the split defaults to `train`).
 
-Every bad record raises `DataError` starting with `file:line:` (columnar files: `file:row N:`,
-N counted from 0 as `dataset[N]` does) and naming the field at fault. Reading keeps every
+Every bad record raises `DataError` starting with `file:line:` (columnar files and .json arrays:
+`file:row N:`, N counted from 0 as `dataset[N]` does) and naming the field at fault. Reading keeps every
 well-formed record; what training skips (unanswered final turns, other sources) is counted by
 `format.load_examples`.
 """
@@ -66,8 +67,8 @@ def detect(record, where: str) -> str:
             return "alpaca"
     fields = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataError(f"{where}: cannot tell the record format from {fields}: expected 'conversations' (lima, "
-                    f"sharegpt), 'messages' (openai) or 'instruction' + 'output' (alpaca)",
-                    todo="fix the record, or name the format with --config.data.format")
+                    f"sharegpt), 'messages' (openai) or 'instruction' + 'output' (alpaca); or name it with "
+                    f"config.data.format")
 
 
 # ---- where records come from ----
@@ -97,6 +98,15 @@ def _file_records(path: str) -> Iterator[tuple[str, int, object]]:
         import pyarrow.parquet as pq
 
         yield from _rows(path, pq.read_table(pa.BufferReader(storage.path(path).read_bytes())).to_pylist())
+        return
+    if path.endswith(".json"):  # one JSON array of records, as Stanford's alpaca_data.json is written
+        try:
+            array = json.loads(storage.path(path).read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a valid JSON file ({e}); a .json file holds one array of records") from None
+        if not isinstance(array, list):
+            raise DataError(f"{path}: a .json file must hold one array of records (or write one record a line, .jsonl)")
+        yield from _rows(path, array)
         return
     for line_no, text in read_lines(path):
         if not text.strip():
@@ -143,14 +153,14 @@ def _hub_rows(spec: str) -> list[dict]:
 
     name, _, split = spec.partition(":")
     where = f"{HUB}{spec}"
-    todo = ("with no network, set HF_HUB_OFFLINE=1 to use the datasets cache, or save the dataset where there is "
-            "one (`Dataset.save_to_disk(DIR)` or a Parquet file) and point the path at that")
+    todo = ("with no network, set HF_HUB_OFFLINE=1 to read the datasets cache, or save the dataset where there is "
+            "one (Dataset.save_to_disk(DIR) or a Parquet file) and point the path at that")
     if not os.path.isdir(name) and not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
-        raise DataError(f"{where}: the Hugging Face Hub is unreachable", todo=todo)
+        raise DataError(f"{where}: the Hugging Face Hub is unreachable; {todo}")
     try:
         return datasets.load_dataset(name, split=split or "train").to_list()
     except (OSError, ValueError) as e:  # ConnectionError, DatasetNotFoundError, an unknown split
-        raise DataError(f"{where}: cannot load the dataset ({type(e).__name__}: {e})", todo=todo) from None
+        raise DataError(f"{where}: cannot load the dataset ({type(e).__name__}: {e}); {todo}") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
