@@ -87,7 +87,7 @@ def test_every_format_gives_lima_ids_and_weights(kind, tmp_path, tok):
     if not kind.endswith("shards"):  # (lines count within each shard; rows are numbered from 1 in `line`)
         assert [e["line"] for e in examples] == list(range(1, len(examples) + 1))
     assert stats.dropped_final_turns == (0 if kind.startswith("alpaca") else 1)
-    explicit, _, named = load_examples(path, tok, 256, fmt=fmt)
+    explicit, _, named = load_examples(path, tok, 256, record_format=fmt)
     assert named == fmt and [e["ids"].tolist() for e in explicit] == [ids for ids, _ in expected]
 
 
@@ -103,7 +103,7 @@ def test_system_messages_are_carried(fmt, tmp_path):
 def test_a_record_of_another_format_names_the_missing_field(tmp_path, tok):
     path = F.write_jsonl(tmp_path / "d.jsonl", [F.lima_record(SINGLE[0])])
     with pytest.raises(DataError, match=r"d\.jsonl:1: no 'messages' field \(openai format\)"):
-        load_examples(path, tok, 64, fmt="openai")
+        load_examples(path, tok, 64, record_format="openai")
     other = F.write_jsonl(tmp_path / "o.jsonl", [{"prompt": "Hi", "completion": "Yes"}])
     with pytest.raises(DataError, match=r"o\.jsonl:1: cannot tell the record format from \['completion', 'prompt'\]"):
         readers.read(other)

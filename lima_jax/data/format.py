@@ -60,15 +60,15 @@ def format_prompt(turns: list[str], tokenizer: Tokenizer) -> list[int]:
     return encode_conversation(turns, tokenizer)[0].tolist()
 
 
-def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = (), fmt: str = "auto",
-                  origin: str = "") -> tuple[list[dict], Stats, str]:
+def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = (), *,
+                  record_format: str = "auto", origin: int = 0) -> tuple[list[dict], Stats, str]:
     """Tokenised training examples from `path` (see `readers`), each a dict with `ids` (int32, at
     most seq_len + 1), `weights` (float32, same length), `line`, `where`, `turns`, `system`,
-    `source` and `origin` (the mixture source it came from); plus counts and the format read.
-    `sources`: keep only records whose `source` is listed (empty: all)."""
+    `source` and `origin` (the index of the data input it came from); plus counts and the record
+    format read (`readers.read`). `sources`: keep only records whose `source` is listed (empty: all)."""
     stats = Stats()
     examples = []
-    conversations, found = readers.read(path, fmt)
+    conversations, found = readers.read(path, record_format)
     for conv in conversations:
         if sources and conv.source not in sources:
             stats.skipped_source += 1
@@ -81,7 +81,8 @@ def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[
             if not turns:
                 stats.skipped_no_response += 1
                 continue
-        ids, weights = encode_conversation(turns, tokenizer)  # the one encode call (chat formats go here)
+        trained = dataclasses.replace(conv, turns=tuple(turns))  # what a chat format encodes
+        ids, weights = encode_conversation(list(trained.turns), tokenizer)  # the one encode call
         if len(ids) > seq_len + 1:
             ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
             stats.trimmed += 1

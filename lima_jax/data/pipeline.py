@@ -172,7 +172,8 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     sources, inputs = tuple(data_cfg.sources), data_sources(data_cfg)
     per_input, stats, formats = [], Stats(), []
     for origin, src in enumerate(inputs):
-        examples, counts, found = load_examples(src.path, tokenizer, data_cfg.seq_len, sources, src.format, origin)
+        examples, counts, found = load_examples(src.path, tokenizer, data_cfg.seq_len, sources,
+                                                record_format=src.format, origin=origin)
         per_input.append(examples)
         stats += counts
         formats.append(found)
@@ -180,7 +181,7 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     found = dict(inputs=tuple(inputs), formats=tuple(formats), mixed=bool(data_cfg.get("mixture", ())))
     if data_cfg.dev_path:
         dev, _, dev_format = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources,
-                                           data_cfg.get("format", "auto"))
+                                           record_format=data_cfg.get("format", "auto"))
         return LimaData(tokenizer, first + others, dev, stats, seed, data_cfg.seq_len,
                         f"{data_cfg.dev_path} ({dev_format})", **found)
     if not 0 <= data_cfg.dev_size < len(first):
