@@ -258,9 +258,10 @@ def _step_groups(data: LimaData, epochs: int, examples_per_step: int) -> grain.M
 
 def make_plan(data: LimaData, examples_per_step: int, epochs: int) -> Plan:
     """Step count and the rows the packing needs, by a dry run of the grouping."""
-    lengths = [[len(e["ids"]) - 1 for e in group] for group in _step_groups(data, epochs, examples_per_step)]
+    groups = [[(len(e["ids"]) - 1, e["origin"]) for e in group] for group in _step_groups(data, epochs, examples_per_step)]
+    lengths = [[n for n, _ in group] for group in groups]
     rows_needed = max(len(pack_rows(group, data.seq_len)) for group in lengths)
-    by_source = collections.Counter(e["origin"] for e in _examples(data, epochs)) if data.mixed else {}
+    by_source = collections.Counter(origin for group in groups for _, origin in group)
     return Plan(examples_per_step, rows_needed, data.seq_len, epochs, len(lengths), sum(map(sum, lengths)),
                 examples=sum(map(len, lengths)),
                 by_source=tuple((src.path, by_source[i]) for i, src in enumerate(data.inputs) if data.mixed))
