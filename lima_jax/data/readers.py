@@ -113,9 +113,10 @@ def _file_records(path: str) -> Iterator[tuple[str, int, object]]:
             continue  # blank lines (a trailing newline) are no records
         where = f"{path}:{line_no}"
         try:
-            yield where, line_no, json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        yield where, line_no, record
 
 
 def read_lines(path: str) -> list[tuple[int, str]]:
