@@ -100,6 +100,17 @@ def test_system_messages_are_carried(fmt, tmp_path):
     assert second.system is None
 
 
+def test_alpaca_history_and_sharegpt_role_names(tmp_path, tok):
+    """LLaMA-Factory's multi-turn Alpaca (`history`) and ShareGPT records that write user/assistant."""
+    multi = CONVERSATIONS[2]["turns"]
+    alpaca = dict(instruction=multi[2], output=multi[3], history=[multi[:2]], source="math")
+    sharegpt = dict(conversations=[{"from": ("user", "assistant")[i % 2], "value": t} for i, t in enumerate(multi)],
+                    source="math")
+    for record in (alpaca, sharegpt):
+        examples, _, _ = load_examples(F.write_jsonl(tmp_path / "h.jsonl", [record]), tok, 256)
+        assert [(e["ids"].tolist(), e["weights"].tolist()) for e in examples] == reference([CONVERSATIONS[2]], tok)
+
+
 def test_a_record_of_another_format_names_the_missing_field(tmp_path, tok):
     path = F.write_jsonl(tmp_path / "d.jsonl", [F.lima_record(SINGLE[0])])
     with pytest.raises(DataError, match=r"d\.jsonl:1: no 'messages' field \(openai format\)"):
@@ -118,7 +129,7 @@ GOOD = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Ye
      "messages[2].role is 'tool': only system, user and assistant messages train"),
     ({"messages": [GOOD[0], {"role": "function", "content": "f()"}]}, "messages[1].role is 'function'"),
     ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "bing", "value": "Yes."}]},
-     "conversations[1].from is 'bing': only human, gpt and system messages train"),
+     "conversations[1].from is 'bing': only human, gpt and system (or user, assistant) messages train"),
     # turns out of order
     ({"messages": [GOOD[0], GOOD[0], GOOD[1]]}, "messages[1].role: two user turns in a row"),
     ({"messages": GOOD + [GOOD[1]]}, "messages[2].role: two assistant turns in a row"),
@@ -130,6 +141,8 @@ GOOD = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Ye
     ({"messages": [{"content": "Hi?"}]}, "messages[0]: no 'role' field (openai format)"),
     ({"conversations": [{"from": "human"}]}, "conversations[0]: no 'value' field (sharegpt format)"),
     ({"instruction": "Add 2 and 2."}, "no 'output' field (alpaca format)"),
+    ({"instruction": "Add.", "output": "9", "history": [["Hi?"]]}, "'history' must be a list of [instruction, output]"),
+    ({"instruction": "Add.", "output": "9", "history": [["Hi?", 5]]}, "history[0][1] is a int, not a string"),
     ({"messages": []}, "'messages' must be a non-empty list"),
     ({"messages": [{"role": "system", "content": "Be brief."}]}, "no user turn"),
     # an empty turn

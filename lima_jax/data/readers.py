@@ -5,9 +5,10 @@ Record formats (`config.data.format`; `auto`, the default, detects it from the f
   own files; `system` is optional, written by `convert_format` for the other formats' systems);
 - `openai`: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`; other
   roles (tool, function, developer) are refused: their turns cannot be trained as chat turns;
-- `sharegpt`: `{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}` (an optional
-  top-level `system` too);
-- `alpaca`: `{"instruction": ..., "input": ... (optional), "output": ..., "system": ... (optional)}`.
+- `sharegpt`: `{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}` (`user` and
+  `assistant` are taken too; an optional top-level `system`);
+- `alpaca`: `{"instruction": ..., "input": ... (optional), "output": ..., "system": ... (optional),
+  "history": [[instruction, output], ...] (optional, earlier exchanges)}`.
 
 Where records come from (`config.data.train_path` / `dev_path`, local or gs://): a jsonl file (one
 record a line), a `.json` file holding one array of records (as Stanford's alpaca_data.json), a
@@ -35,7 +36,8 @@ from lima_jax.errors import DataError
 FORMATS = ("lima", "openai", "sharegpt", "alpaca")
 HUB = "hf://"
 _SHARDS = (".jsonl", ".parquet")
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# ShareGPT's own names, and the plain role names some ShareGPT-style datasets write instead
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 def read(path: str, fmt: str = "auto") -> tuple[list[Conversation], str]:
@@ -258,7 +260,8 @@ def _openai(record, where: str, line: int) -> Conversation:
 
 def _sharegpt(record, where: str, line: int) -> Conversation:
     messages = _role_messages(record, where, "conversations", "sharegpt", "from", "value",
-                              lambda r: _SHAREGPT_ROLES.get(r) if isinstance(r, str) else None, "human, gpt and system")
+                              lambda r: _SHAREGPT_ROLES.get(r) if isinstance(r, str) else None,
+                              "human, gpt and system (or user, assistant)")
     return _conversation(messages, where, line, record)
 
 
@@ -270,8 +273,13 @@ def _alpaca(record, where: str, line: int) -> Conversation:
     # converter joins them ("\n".join); Stanford's "### Input:" template is a prompt format, not data.
     extra = _optional_text(record, "input", where)
     prompt = instruction if extra is None else f"{instruction}\n{extra}"
-    return _conversation([("user", prompt, "instruction", "instruction"), ("assistant", output, "output", "output")],
-                         where, line, record)
+    history = record.get("history") or []  # earlier [instruction, output] exchanges (LLaMA-Factory's multi-turn Alpaca)
+    if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in history):
+        raise DataError(f"{where}: 'history' must be a list of [instruction, output] pairs")
+    earlier = [(role, text, f"history[{i}][{j}]", f"history[{i}][{j}]")
+               for i, pair in enumerate(history) for j, (role, text) in enumerate(zip(("user", "assistant"), pair))]
+    return _conversation(earlier + [("user", prompt, "instruction", "instruction"),
+                                    ("assistant", output, "output", "output")], where, line, record)
 
 
 _PARSERS = {"lima": _lima, "openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca}
