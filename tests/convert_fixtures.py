@@ -75,6 +75,13 @@ def train_tokenizer(pieces: int, *, byte_fallback: bool = False) -> bytes:
     return proto
 
 
+def stored_proto(meta: checkpoint.CheckpointMeta) -> bytes:
+    """The SentencePiece proto a checkpoint's meta stores (as its tokenizer record)."""
+    from lima_jax.data.tokenizer import tokenizer_from_record
+
+    return tokenizer_from_record(meta.tokenizer).proto
+
+
 def restore(path, cfg: ModelConfig):
     tensor = 2 if cfg.n_kv_heads % 4 else 4
     mesh = make_mesh({"data": -1, "fsdp": 2, "tensor": tensor})

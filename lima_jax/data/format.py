@@ -1,8 +1,8 @@
 """LIMA conversations -> token ids and loss weights.
 
-Format (LIMA, section 2 of the paper): BOS, then every utterance followed by the EOT token.
-Turns alternate user, assistant, user, ...; the loss covers assistant tokens and the EOT that
-ends each assistant turn, so the model learns to stop. Examples longer than `seq_len + 1` ids
+The ids and loss weights come from the chat format (`lima_jax.data.chat_format`; LIMA's by
+default: BOS, then every utterance followed by the EOT token; the loss covers assistant tokens
+and the EOT that ends each assistant turn, so the model learns to stop). Examples longer than `seq_len + 1` ids
 are cut to `seq_len + 1` (inputs and next-token targets are then `seq_len` long) and counted.
 
 Bad input, and what happens (every message starts with `file:line:`):
@@ -24,8 +24,7 @@ Bad input, and what happens (every message starts with `file:line:`):
 import dataclasses
 import json
 
-import numpy as np
-
+from lima_jax.data import chat_format as chat_format_lib, conversation
 from lima_jax.data.tokenizer import Tokenizer
 
 
@@ -93,29 +92,12 @@ def read_conversations(path: str) -> list[Conversation]:
     return out
 
 
-def encode_conversation(turns: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, weights): BOS, each turn + EOT; weight 1 on odd (assistant) turns and their EOT."""
-    ids, weights = [tokenizer.bos_id], [0.0]
-    for i, turn in enumerate(turns):
-        piece = tokenizer.encode(turn) + [tokenizer.eot_id]
-        ids += piece
-        weights += [float(i % 2 == 1)] * len(piece)
-    return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
-
-
-def format_prompt(turns: list[str], tokenizer: Tokenizer) -> list[int]:
-    """Ids for sampling: the conversation so far (ending with a user turn) in training format;
-    the model continues with the assistant turn and ends it with EOT."""
-    if len(turns) % 2 != 1:
-        raise ValueError("a prompt must end with a user turn (an odd number of turns)")
-    return encode_conversation(turns, tokenizer)[0].tolist()
-
-
-def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = ()
-                  ) -> tuple[list[dict], Stats]:
+def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = (),
+                  chat_format: str = "lima", train_on: str = "all") -> tuple[list[dict], Stats]:
     """Tokenised training examples from a jsonl file, each a dict with `ids` (int32, at most
     seq_len + 1), `weights` (float32, same length), `line`, `turns` and `source`; plus counts.
-    `sources`: keep only lines whose `source` is listed (empty: all)."""
+    `sources`: keep only lines whose `source` is listed (empty: all). `chat_format`, `train_on`:
+    see `lima_jax.data.chat_format.encode`."""
     stats = Stats()
     examples = []
     for conv in read_conversations(path):
@@ -130,7 +112,9 @@ def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[
             if not turns:
                 stats.skipped_no_response += 1
                 continue
-        ids, weights = encode_conversation(turns, tokenizer)
+        ids, weights = chat_format_lib.encode(
+            conversation.Conversation(tuple(turns), source=conv.source, where=f"{path}:{line_no}", line=line_no),
+            tokenizer, chat_format, train_on)
         if len(ids) > seq_len + 1:
             ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
             stats.trimmed += 1

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from lima_jax.data import chat_format
 from lima_jax.data.format import Stats, load_examples
 from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lima_jax.sharding import logical_to_spec
@@ -94,9 +95,11 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     dev set is `dev_path`, or else `dev_size` train examples held out by the seed (0: none)."""
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer_path)
     sources = tuple(data_cfg.sources)
-    examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len, sources)
+    fmt = (data_cfg.get("chat_format", "lima"), data_cfg.get("train_on", "all"))
+    chat_format.check(tokenizer, fmt[0])
+    examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len, sources, *fmt)
     if data_cfg.dev_path:
-        dev, _ = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources)
+        dev, _ = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources, *fmt)
         return LimaData(tokenizer, examples, dev, stats, seed, data_cfg.seq_len, data_cfg.dev_path)
     if not 0 <= data_cfg.dev_size < len(examples):
         raise ValueError(f"config.data.dev_size={data_cfg.dev_size} must be in [0, {len(examples)}): "
@@ -181,7 +184,7 @@ def dev_batches(data: LimaData, plan: Plan) -> list[dict]:
 
 
 def dev_prompts(data: LimaData, n: int = 4) -> list[list[str]]:
-    """The first `n` dev conversations cut to their first user turn, ready for format_prompt."""
+    """The first `n` dev conversations cut to their first user turn, ready for `Sampler.prompt_ids`."""
     return [e["turns"][:1] for e in data.dev[:n]]
 
 
