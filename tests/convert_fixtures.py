@@ -101,9 +101,11 @@ def read_safetensors(directory) -> dict:
 
 
 def sample_cli(ckpt, prompt: str, *extra: str, turns=(), fmt="raw", max_new: int = MAX_NEW) -> tuple[str, int]:
-    """(answer, answer tokens) from `launch/sample.py --greedy --repetition_penalty 1.0`."""
-    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(ckpt), "--format", fmt, "--greedy",
-           "--repetition_penalty", "1.0", "--max_new_tokens", str(max_new), "--nostream", "--prompt", prompt,
+    """(answer, answer tokens) from `launch/sample.py --greedy --repetition_penalty 1.0` (`fmt`
+    None: the checkpoint's chat format)."""
+    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(ckpt),
+           *(["--format", fmt] if fmt else []), "--greedy", "--repetition_penalty", "1.0",
+           "--max_new_tokens", str(max_new), "--nostream", "--prompt", prompt,
            *[f"--turn={t}" for t in turns], *extra]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
