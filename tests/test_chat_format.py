@@ -181,3 +181,26 @@ def test_system_message_refused_by_lima_naming_the_record(llama3):
         chat_format.encode(conv, tok, "lima")
     with pytest.raises(ConfigError, match="config.data.train_on='first'"):
         chat_format.encode(conv, tok, "llama3", train_on="first")
+
+
+def test_config_keys_are_validated():
+    from lima_jax.config import base_config, validate_values
+
+    for key, value in (("chat_format", "alpaca"), ("train_on", "first")):
+        c = base_config()
+        c.data[key] = value
+        with pytest.raises(ConfigError, match=f"config.data.{key}='{value}'"):
+            validate_values(c)
+
+
+def test_server_messages_take_a_system_message_only_where_the_format_has_one():
+    from lima_jax.serving.protocol import InvalidRequest, Message, chat_turns
+
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
+            Message(role="assistant", content="Hello."), Message(role="user", content="Bye")]
+    assert chat_turns(msgs, allow_system=True) == ("Be brief.", ["Hi", "Hello.", "Bye"])
+    assert chat_turns(msgs[1:], allow_system=True) == (None, ["Hi", "Hello.", "Bye"])
+    with pytest.raises(InvalidRequest, match="no system role"):
+        chat_turns(msgs)
+    with pytest.raises(InvalidRequest, match="allowed only first"):
+        chat_turns(msgs[1:2] + msgs[:1], allow_system=True)
