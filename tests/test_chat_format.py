@@ -204,3 +204,31 @@ def test_server_messages_take_a_system_message_only_where_the_format_has_one():
         chat_turns(msgs)
     with pytest.raises(InvalidRequest, match="allowed only first"):
         chat_turns(msgs[1:2] + msgs[:1], allow_system=True)
+
+
+def test_conversion_stores_tokenizer_json_and_add_eot_adds_no_row(tmp_path):
+    """An HF folder with a tokenizer.json that has an end-of-turn token (<|im_end|>): it is found
+    and stored, and --add_eot adds no row (the model already has one)."""
+    from lima_jax import checkpoint
+    from lima_jax.convert import convert_to_orbax
+    from tests.convert_fixtures import CONVERT_MHA as MHA
+    from tests.references import hf_model
+
+    source = tmp_path / "hf"
+    hf_model(MHA, seed=6).save_pretrained(source)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    assert tok.get_vocab_size() < MHA.vocab_size  # Qwen-like: the embedding has more rows than ids
+    tok.save(str(source / "tokenizer.json"))
+    report = convert_to_orbax("hf", source, tmp_path / "ckpt", add_eot=True)
+    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    stored = tokenizer_from_record(meta.tokenizer)
+    assert report["model"].vocab_size == MHA.vocab_size and report["tokenizer"]
+    assert stored.kind == "hf" and meta.eot_id == stored.eot_id == tok.token_to_id("<|im_end|>")
+
+
+def test_metas_tiktoken_tokenizer_is_refused(tmp_path):
+    (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # Meta's Llama 3 original/ layout
+    with pytest.raises(ConfigError, match="tiktoken.*tokenizer.json"):
+        load_tokenizer(str(tmp_path))
