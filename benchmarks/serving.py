@@ -49,11 +49,8 @@ def build_checkpoint(path: pathlib.Path, dim: int, layers: int) -> ModelConfig:
     tokenizer = load_tokenizer(tokenizer_path)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=dim, n_layers=layers, n_heads=8, n_kv_heads=8,
                       ffn_dim=dim * 8 // 3 // 32 * 32, max_seq_len=512, dtype="float32")
-    proto = pathlib.Path(tokenizer_path).read_bytes() if tokenizer_path else None
-    if proto is None:
-        from lima_jax.data import demo
-        proto = pathlib.Path(demo.build_demo_tokenizer()).read_bytes()
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg), eot_id=tokenizer.eot_id, tokenizer=proto)
+    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg), eot_id=tokenizer.eot_id,
+                                     tokenizer=tokenizer.to_record())
     checkpoint.save_params(path, jax.device_get(init_params(cfg, jax.random.key(0))), meta)
     return cfg, tokenizer
 

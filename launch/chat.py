@@ -20,7 +20,7 @@ flags.DEFINE_float("temperature", 0.7, "")
 flags.DEFINE_float("top_p", 0.9, "")
 flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed (turn k uses seed + k)")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the one stored in the checkpoint)")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder (default: the checkpoint's)")
 FLAGS = flags.FLAGS
 
 

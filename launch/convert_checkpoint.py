@@ -29,7 +29,7 @@ flags.DEFINE_bool("add_eot", False, "Grow the vocabulary by LIMA's end-of-turn t
 flags.DEFINE_integer("vocab_multiple", None, "Pad vocabulary rows to a multiple of this (default: config's, or 128).")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "Stored parameter dtype (default: config's or float32).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "With --to hf: tensor dtype (default: checkpoint's).")
-flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to store with the converted weights, or with "
+flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder, to store with the converted weights, or with "
                     "--to hf to export (default: the one beside the weights / stored in the checkpoint).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing target.")
 config_flags.DEFINE_config_file("config", None, "Model config (configs/*.py) to check the architecture against.")

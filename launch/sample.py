@@ -29,7 +29,9 @@ flags.DEFINE_string("prompts", None, "LIMA-format jsonl file to answer")
 flags.DEFINE_string("output", None, "answers jsonl (with --prompts)")
 flags.DEFINE_bool("overwrite", False, "replace an existing --output")
 flags.DEFINE_bool("resume", False, "continue an existing --output after the prompts it already answers")
-flags.DEFINE_enum("format", "lima", ["lima", "raw"], "lima: BOS + turns + EOT as in training; raw: BOS + text")
+flags.DEFINE_enum("format", None, ["lima", "llama3", "chatml", "raw"],
+                  "the chat format (default: the checkpoint's, as in training); raw: BOS + text, for base models")
+flags.DEFINE_string("system", None, "a system message (llama3 and chatml formats)")
 flags.DEFINE_bool("greedy", False, "argmax decoding (the repetition penalty still applies)")
 flags.DEFINE_integer("max_new_tokens", 2048, "answer length limit")
 flags.DEFINE_float("temperature", 0.7, "")
@@ -39,7 +41,8 @@ flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
 flags.DEFINE_bool("penalize_prompt", False, "count prompt tokens as seen for the repetition penalty (HF style)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("batch_size", 8, "prompts per batch with --prompts")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the one stored in the checkpoint)")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder holding one (default: the "
+                    "one stored in the checkpoint)")
 flags.DEFINE_bool("stream", True, "print tokens as they come (with --prompt)")
 FLAGS = flags.FLAGS
 
@@ -69,7 +72,8 @@ def main(argv):
               f"{summary['tokens_per_second']:.1f} tokens/s)")
         return
     stream = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if FLAGS.stream else None
-    out = sampler.answer(FLAGS.turn + [FLAGS.prompt], settings, FLAGS.seed, FLAGS.format, stream=stream)
+    out = sampler.answer(FLAGS.turn + [FLAGS.prompt], settings, FLAGS.seed, FLAGS.format, stream=stream,
+                         system=FLAGS.system)
     if not FLAGS.stream:
         sys.stdout.write(out["answer"])
     print(f"\n[{out['prompt_tokens']} prompt tokens, {out['answer_tokens']} answer tokens, "

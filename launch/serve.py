@@ -27,7 +27,7 @@ flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every i
 flags.DEFINE_integer("port", 8000, "port to listen on")
 flags.DEFINE_integer("slots", 16, "requests decoded together (rounded up to the mesh's batch shards)")
 flags.DEFINE_string("model_name", None, "the model id clients see (default: from the checkpoint path)")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the one stored in the checkpoint)")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder (default: the checkpoint's)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods")
 flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")

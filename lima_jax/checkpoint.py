@@ -231,8 +231,10 @@ class CheckpointMeta:
     saved and committed atomically with the arrays.
 
     model: the ModelConfig fields. eot_id: LIMA's end-of-turn id, None for a base model
-    converted without it. tokenizer: the SentencePiece model proto the weights were trained
-    with (bytes; None if unknown), so sampling and export never guess. config: the training
+    converted without it. tokenizer: the tokenizer the weights were trained with
+    (`Tokenizer.to_record()`; raw SentencePiece proto bytes in older checkpoints; None if
+    unknown), so sampling and export never guess. chat_format: the chat format it was trained
+    in (`data.chat_format`; None: not fine-tuned by lima_jax, read as "lima"). config: the training
     config (training checkpoints). run: the run-defining values a resume must match.
     source: where the weights came from ("train", or a conversion record). lora: in a LoRA
     training checkpoint, whose `params` are the adapters only (megabytes), their settings (rank,
@@ -242,15 +244,17 @@ class CheckpointMeta:
     model: dict
     step: int = 0
     eot_id: int | None = None
-    tokenizer: bytes | None = None
+    tokenizer: dict | bytes | None = None
     config: dict | None = None
     run: dict | None = None
     source: dict = dataclasses.field(default_factory=dict)
     lora: dict | None = None
+    chat_format: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["tokenizer"] = None if self.tokenizer is None else base64.b64encode(self.tokenizer).decode("ascii")
+        if isinstance(self.tokenizer, bytes):
+            out["tokenizer"] = base64.b64encode(self.tokenizer).decode("ascii")
         return out
 
     @classmethod
@@ -259,7 +263,7 @@ class CheckpointMeta:
         tokenizer = record.pop("tokenizer", None)
         known = {f.name for f in dataclasses.fields(cls)}
         meta = cls(**{k: v for k, v in record.items() if k in known})
-        meta.tokenizer = None if tokenizer is None else base64.b64decode(tokenizer)
+        meta.tokenizer = base64.b64decode(tokenizer) if isinstance(tokenizer, str) else tokenizer
         return meta
 
 

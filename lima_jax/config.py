@@ -7,7 +7,9 @@ anything is compiled, so a config that cannot work fails with a message naming t
 
 import ml_collections
 
+from lima_jax.data.chat_format import FORMATS, TRAIN_ON
 from lima_jax.data.pipeline import data_sources
+from lima_jax.errors import ConfigError
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.lora import LoraConfig
 from lima_jax.sharding import resolve_mesh_shape
@@ -45,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
         # Several train sources sampled by weight, replacing train_path: ((path, weight[, format]), ...),
         # e.g. --config.data.mixture="(('lima.jsonl', 3.0), ('mine.jsonl', 1.0))"; see data/pipeline.py.
         mixture=(),
+        chat_format="lima",  # lima | llama3 | chatml (lima_jax/data/chat_format.py); recorded in checkpoints
+        train_on="all",  # all: every assistant turn trains (LIMA's dialogues); last: the final one only
     ))
 
     # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
@@ -123,6 +127,9 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
     if c.data.seq_len > c.model.max_seq_len:
         raise ValueError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
                          f"{c.model.max_seq_len}, the context the model's positions cover")
+    for key, choices in (("chat_format", FORMATS), ("train_on", TRAIN_ON)):
+        if c.data[key] not in choices:
+            raise ConfigError(f"config.data.{key}={c.data[key]!r}: choose one of {', '.join(choices)}")
     for key in ("optimizer.learning_rate", "optimizer.end_learning_rate"):
         section, name = key.split(".")
         if not c[section][name] >= 0:

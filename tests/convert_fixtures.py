@@ -75,6 +75,13 @@ def train_tokenizer(pieces: int, *, byte_fallback: bool = False) -> bytes:
     return proto
 
 
+def stored_proto(meta: checkpoint.CheckpointMeta) -> bytes:
+    """The SentencePiece proto a checkpoint's meta stores (as its tokenizer record)."""
+    from lima_jax.data.tokenizer import tokenizer_from_record
+
+    return tokenizer_from_record(meta.tokenizer).proto
+
+
 def restore(path, cfg: ModelConfig):
     tensor = 2 if cfg.n_kv_heads % 4 else 4
     mesh = make_mesh({"data": -1, "fsdp": 2, "tensor": tensor})
@@ -94,9 +101,11 @@ def read_safetensors(directory) -> dict:
 
 
 def sample_cli(ckpt, prompt: str, *extra: str, turns=(), fmt="raw", max_new: int = MAX_NEW) -> tuple[str, int]:
-    """(answer, answer tokens) from `launch/sample.py --greedy --repetition_penalty 1.0`."""
-    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(ckpt), "--format", fmt, "--greedy",
-           "--repetition_penalty", "1.0", "--max_new_tokens", str(max_new), "--nostream", "--prompt", prompt,
+    """(answer, answer tokens) from `launch/sample.py --greedy --repetition_penalty 1.0` (`fmt`
+    None: the checkpoint's chat format)."""
+    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(ckpt),
+           *(["--format", fmt] if fmt else []), "--greedy", "--repetition_penalty", "1.0",
+           "--max_new_tokens", str(max_new), "--nostream", "--prompt", prompt,
            *[f"--turn={t}" for t in turns], *extra]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

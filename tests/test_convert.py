@@ -27,6 +27,7 @@ from tests.convert_fixtures import (
     TOKENS,
     read_safetensors,
     restore,
+    stored_proto,
     train_tokenizer,
     write_meta,
 )
@@ -107,7 +108,7 @@ def test_add_eot_grows_vocab_with_mean_rows_and_export_keeps_it(tmp_path, mha_mo
     meta = checkpoint.read_meta(tmp_path / "ckpt")
     cfg = ModelConfig.from_config(meta.model)
     v = MHA.vocab_size  # the EOT id
-    assert (cfg.vocab_size, cfg.padded_vocab_size, meta.eot_id, meta.tokenizer) == (v + 1, 256, v, proto)
+    assert (cfg.vocab_size, cfg.padded_vocab_size, meta.eot_id, stored_proto(meta)) == (v + 1, 256, v, proto)
     params = restore(tmp_path / "ckpt", cfg)
     embed, head = np.asarray(params["embed"]), np.asarray(params["lm_head"])
     sd = mha_model.state_dict()
@@ -249,4 +250,4 @@ def test_cli_with_config_file(tmp_path, mha_model):
     meta = checkpoint.read_meta(tmp_path / "ckpt")
     model = meta.model
     assert (model["vocab_size"], model["vocab_multiple"], model["param_dtype"]) == (MHA.vocab_size + 1, 128, "bfloat16")
-    assert (meta.eot_id, meta.tokenizer) == (MHA.vocab_size, (tmp_path / "given.model").read_bytes())
+    assert (meta.eot_id, stored_proto(meta)) == (MHA.vocab_size, (tmp_path / "given.model").read_bytes())

@@ -20,6 +20,7 @@ from tests.convert_fixtures import (
     CONVERT_MHA as MHA,
     MAX_NEW,
     sample_cli,
+    stored_proto,
     train_tokenizer,
     write_meta,
 )
@@ -72,7 +73,7 @@ def test_base_model_samples_transformers_greedy_tokens(tmp_path, case):
         assert (src / "consolidated.01.pth").is_file() and not (src / "tokenizer.model").exists()
     report = convert_to_orbax(source, src, tmp_path / "ckpt")  # no --add_eot: a base model
     meta = checkpoint.read_meta(tmp_path / "ckpt")
-    assert report["tokenizer"] and meta.tokenizer == proto and meta.eot_id is None
+    assert report["tokenizer"] and stored_proto(meta) == proto and meta.eot_id is None
     assert meta.model["rope_theta"] == cfg.rope_theta and meta.model["vocab_size"] == cfg.vocab_size
 
     sp = spm.SentencePieceProcessor(model_proto=proto)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from lima_jax.data import demo
-from lima_jax.data.format import DataError, encode_conversation, format_prompt, load_examples
+from lima_jax.data.chat_format import encode, prompt_ids
+from lima_jax.data.conversation import Conversation
+from lima_jax.data.format import DataError, load_examples
 from lima_jax.data.tokenizer import load_tokenizer
 
 
@@ -28,7 +30,7 @@ def test_demo_tokenizer_and_eot(tok):
 
 def test_multi_turn_layout(tok):
     turns = ["What is 2 plus 2?", "2 plus 2 is 4.", "And 3 more?", "4 plus 3 is 7."]
-    ids, w = encode_conversation(turns, tok)
+    ids, w = encode(Conversation(tuple(turns)), tok)
     sp, E = tok.sp, tok.eot_id
     expected, expected_w = [1], [0]
     for i, t in enumerate(turns):  # written out from the LIMA rule, not from the code
@@ -37,9 +39,9 @@ def test_multi_turn_layout(tok):
         expected_w += [1 if i in (1, 3) else 0] * len(piece)
     assert ids.tolist() == expected and w.tolist() == expected_w
     assert ids.dtype == np.int32 and w.dtype == np.float32
-    assert format_prompt(turns[:3], tok) == expected[:len(expected) - len(sp.encode(turns[3])) - 1]
+    assert prompt_ids(turns[:3], tok) == expected[:len(expected) - len(sp.encode(turns[3])) - 1]
     with pytest.raises(ValueError):
-        format_prompt(turns[:2], tok)
+        prompt_ids(turns[:2], tok)
 
 
 def test_trimming_counted(tok, tmp_path):

@@ -1,6 +1,6 @@
 """The Hugging Face export of a fine-tuned checkpoint is a working chat model in transformers:
 `AutoTokenizer` loads it with EOT as a special token, `apply_chat_template` gives exactly the
-ids LIMA trained on (`data.format.encode_conversation`), and greedy `generate` answers as
+ids LIMA trained on (`data.chat_format.encode`), and greedy `generate` answers as
 `launch/sample.py --greedy --repetition_penalty 1.0` does, stopping at EOT by itself.
 
 The checkpoint is a tiny model trained here (a few hundred Adam steps) to answer a few
@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sentencepiece as spm
 import torch
 import transformers
 
 from lima_jax import checkpoint
 from lima_jax.convert import ConversionError, export_hf
 from lima_jax.convert.tokenizer_files import EOT_TOKEN
-from lima_jax.data.format import encode_conversation, format_prompt
-from lima_jax.data.tokenizer import Tokenizer
+from lima_jax.data.chat_format import encode, prompt_ids
+from lima_jax.data.conversation import Conversation
+from lima_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from lima_jax.model import ModelConfig, bind, init_params
 from lima_jax.sampling import SamplingSettings
 from tests.convert_fixtures import sample_cli, train_tokenizer
@@ -42,7 +42,7 @@ MAX_NEW = 40
 
 def train(tokenizer: Tokenizer, steps: int = 250) -> dict:
     """Fit CFG to TRAIN with LIMA's loss (responses and their EOT only)."""
-    encoded = [encode_conversation(turns, tokenizer) for turns in TRAIN]
+    encoded = [encode(Conversation(tuple(turns)), tokenizer) for turns in TRAIN]
     width = max(len(ids) for ids, _ in encoded)
     ids, weights = np.zeros((len(encoded), width), np.int32), np.zeros((len(encoded), width), np.float32)
     for row, (i, w) in enumerate(encoded):
@@ -74,7 +74,7 @@ def train(tokenizer: Tokenizer, steps: int = 250) -> dict:
 def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat")
     proto = train_tokenizer(PIECES, byte_fallback=True)
-    tokenizer = Tokenizer(spm.SentencePieceProcessor(model_proto=proto))
+    tokenizer = SentencePieceTokenizer(proto)
     meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG), step=250, eot_id=PIECES, tokenizer=proto,
                                      source={"trained": "tests/test_export_chat.py"})
     checkpoint.save_params(path / "ckpt", train(tokenizer), meta)
@@ -116,9 +116,9 @@ def test_tokenizer_and_configs(exported):
 def test_chat_template_gives_limas_training_ids(exported, turns):
     path, tokenizer = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(path / "hf")
-    assert template_ids(hf_tok, turns) == encode_conversation(turns, tokenizer)[0].tolist()
+    assert template_ids(hf_tok, turns) == encode(Conversation(tuple(turns)), tokenizer)[0].tolist()
     if len(turns) % 2:  # a prompt: the model answers after the user's EOT; no assistant header to add
-        assert template_ids(hf_tok, turns, add_generation_prompt=True) == format_prompt(turns, tokenizer)
+        assert template_ids(hf_tok, turns, add_generation_prompt=True) == prompt_ids(turns, tokenizer)
 
 
 def test_chat_template_refuses_system_and_non_alternating_roles(exported):
@@ -185,10 +185,11 @@ def test_a_normalizing_tokenizer_is_warned_about(caplog):
     """The demo tokenizer (nmt_nfkc, collapsed spaces) normalizes; transformers would not."""
     from lima_jax.convert.tokenizer_files import hf_tokenizer_files
     from lima_jax.data.demo import DEMO_PIECES, build_demo_tokenizer
+    from lima_jax.data.tokenizer import SentencePieceTokenizer
 
     with open(build_demo_tokenizer(), "rb") as f:
         proto = f.read()
     with caplog.at_level("WARNING"):
-        files = hf_tokenizer_files(proto, DEMO_PIECES, DEMO_PIECES + 1, 512)
+        files = hf_tokenizer_files(SentencePieceTokenizer(proto), DEMO_PIECES, DEMO_PIECES + 1, 512)
     assert "normalizer nmt_nfkc, remove_extra_whitespaces" in caplog.text and "chat_template" in json.loads(
         files["tokenizer_config.json"])

@@ -21,10 +21,9 @@ import jax
 import numpy as np
 import openai
 import pytest
-import sentencepiece as spm
 
 from lima_jax import checkpoint
-from lima_jax.data.tokenizer import Tokenizer
+from lima_jax.data.tokenizer import SentencePieceTokenizer
 from lima_jax.model import bind
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
@@ -43,7 +42,7 @@ PROMPTS = [TRAIN[0][:1], TRAIN[1][:1], TRAIN[2][:1], TRAIN[3][:3]] + OTHER  # 16
 def build_checkpoint(path) -> str:
     """A tiny LIMA-style chat checkpoint (trained here) with its tokenizer and EOT id."""
     proto = train_tokenizer(PIECES, byte_fallback=True)
-    tokenizer = Tokenizer(spm.SentencePieceProcessor(model_proto=proto))
+    tokenizer = SentencePieceTokenizer(proto)
     meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG), step=250, eot_id=PIECES, tokenizer=proto)
     checkpoint.save_params(path, train(tokenizer), meta)
     return str(path)

@@ -3,8 +3,8 @@
 - `layout`: the one key map and per-tensor transforms (Meta, HF, ours).
 - `hf_config`: HF config.json read (RoPE old and new, tied embeddings; refusals) and written.
 - `sources`: streaming readers for Meta and HF folders, with the shape/key checks.
-- `tokenizer_files`: the tokenizer stored with converted weights; HF tokenizer files (EOT,
-  chat template) for an export.
+- `tokenizer_files`: the tokenizer (SentencePiece or tokenizer.json) stored with converted
+  weights; HF tokenizer files (end-of-turn token, the chat format's template) for an export.
 - `safety`: where a converter may write (never over or inside its input).
 - `to_orbax.convert_to_orbax`: a folder -> Orbax checkpoint, one layer's tensor at a time.
 - `to_hf.export_hf`: an Orbax checkpoint -> HF folder (trims vocab padding, keeps EOT), one

@@ -67,7 +67,8 @@ def rope_theta(c: dict, where: str) -> float:
     return DEFAULT_THETA if value is None else float(value)
 
 
-def write_hf_config(cfg: ModelConfig, dtype: str, eot_id: int | None) -> dict:
+def write_hf_config(cfg: ModelConfig, dtype: str, eot_id: int | None, bos_id: int | None = BOS_ID,
+                    eos_id: int | None = EOS_ID) -> dict:
     """config.json for LlamaForCausalLM, in the layout transformers 5 writes (`rope_parameters`)
     and with the top-level `rope_theta` older readers look for. EOT, when there is one, ends
     generation next to EOS."""
@@ -79,9 +80,12 @@ def write_hf_config(cfg: ModelConfig, dtype: str, eot_id: int | None) -> dict:
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": 0.02, "tie_word_embeddings": False,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "use_cache": True,
-        "bos_token_id": BOS_ID, "eos_token_id": stop_ids(eot_id), "dtype": dtype,
+        "bos_token_id": bos_id, "eos_token_id": stop_ids(eot_id, eos_id), "dtype": dtype,
     }
 
 
-def stop_ids(eot_id: int | None) -> int | list[int]:
-    return EOS_ID if eot_id is None else [EOS_ID, eot_id]
+def stop_ids(eot_id: int | None, eos_id: int | None = EOS_ID) -> int | list[int] | None:
+    """`eos_token_id` of the HF configs: EOS, and the end-of-turn token where the model has one."""
+    if eot_id is None or eot_id == eos_id:
+        return eos_id
+    return [eot_id] if eos_id is None else [eos_id, eot_id]

@@ -113,8 +113,9 @@ class _Source:
         return dict(self._arch)
 
     def tokenizer(self) -> pathlib.Path | None:
-        """The SentencePiece model shipped with the weights, if any."""
-        return next((d / TOKENIZER for d in self._tokenizer_dirs() if (d / TOKENIZER).is_file()), None)
+        """The tokenizer shipped with the weights, if any: an HF tokenizer.json, else a tokenizer.model."""
+        return next((d / name for d in self._tokenizer_dirs() for name in ("tokenizer.json", TOKENIZER)
+                     if (d / name).is_file()), None)
 
     def _tokenizer_dirs(self) -> tuple[pathlib.Path, ...]:
         return (self.dir,)

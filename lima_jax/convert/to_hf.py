@@ -2,9 +2,9 @@
 
 Writes `config.json` (LlamaForCausalLM), `generation_config.json`, safetensors shards with
 `model.safetensors.index.json` and the tokenizer files (`tokenizer_files`: the checkpoint's
-stored tokenizer by default, EOT as a special token and LIMA's chat template). Vocabulary
-padding is trimmed (the EOT row stays: vocab 32,001). A fine-tuned model's `eos_token_id` is
-[EOS, EOT] in both configs, so `generate` stops at the end of a turn, and its generation config
+stored tokenizer by default, of its kind, with the chat template of the checkpoint's chat
+format). Vocabulary padding is trimmed (the EOT row stays: vocab 32,001). A fine-tuned model's
+`eos_token_id` is [EOS, end of turn] in both configs, so `generate` stops at the end of a turn, and its generation config
 carries LIMA's decoding (`LIMA_DECODING`; transformers' repetition penalty also counts the
 prompt's tokens, LIMA's only the answer's). Every tensor's name, shape and size are known from the
 config, so the shards are planned up front (at most `max_shard_bytes` each, whole layers in
@@ -20,12 +20,14 @@ import logging
 import numpy as np
 from etils import epath
 
-from lima_jax import checkpoint, storage
+from lima_jax import checkpoint
 from lima_jax.convert.errors import ConversionError
-from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
+from lima_jax.convert.hf_config import BOS_ID, EOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
 from lima_jax.convert.safety import export_target, writing_into
-from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files, processor
+from lima_jax.convert.tokenizer_files import hf_tokenizer_files
+from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
+from lima_jax.errors import LimaError
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
 
@@ -37,10 +39,10 @@ LIMA_DECODING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0
                  "max_new_tokens": 2048}
 
 
-def generation_config(eot_id: int | None) -> dict:
+def generation_config(eot_id: int | None, bos_id: int | None = BOS_ID, eos_id: int | None = EOS_ID) -> dict:
     """A fine-tuned model stops at EOT or EOS and samples as LIMA does; a base model keeps
     transformers' defaults."""
-    config = {"bos_token_id": BOS_ID, "eos_token_id": stop_ids(eot_id)}
+    config = {"bos_token_id": bos_id, "eos_token_id": stop_ids(eot_id, eos_id)}
     return config if eot_id is None else {**config, **LIMA_DECODING}
 
 
@@ -118,9 +120,11 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     cfg = ModelConfig.from_config(meta.model)
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
-    proto = _tokenizer_proto(tokenizer, meta, checkpoint_path)
-    eot_id = _eot_id(meta, cfg, proto)
-    tok_files = {} if proto is None else hf_tokenizer_files(proto, eot_id, cfg.vocab_size, cfg.max_seq_len)
+    tok = _tokenizer(tokenizer, meta, checkpoint_path)
+    eot_id = _eot_id(meta, cfg, tok)
+    tok_files = {} if tok is None else hf_tokenizer_files(tok, eot_id, cfg.vocab_size, cfg.max_seq_len,
+                                                          meta.chat_format)
+    ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
     bound_heap()
     reader = params_reader(checkpoint_path, meta)
     abstract = abstract_params(cfg)
@@ -149,8 +153,8 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         (tmp / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(write_hf_config(cfg, dtype, eot_id), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot_id), indent=2))
+        (tmp / "config.json").write_text(json.dumps(write_hf_config(cfg, dtype, eot_id, **ids), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot_id, **ids), indent=2))
         for name, contents in tok_files.items():
             (tmp / name).write_bytes(contents)
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
@@ -175,29 +179,28 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, proto: bytes | None) -> int | None:
+def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, tok: Tokenizer | None) -> int | None:
     """The checkpoint's EOT id; for one that records none but has one row more than its
     tokenizer's pieces (written before eot_id was recorded), EOT = the piece count, as in training."""
-    if meta.eot_id is not None or proto is None:
+    if meta.eot_id is not None or tok is None:
         return meta.eot_id
-    pieces = processor(proto, "the checkpoint's tokenizer").get_piece_size()
-    return pieces if cfg.vocab_size == pieces + 1 else None
+    if not tok.eot_added:
+        return tok.eot_id
+    return tok.eot_id if cfg.vocab_size == tok.vocab_size else None
 
 
-def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
-    """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
+def _tokenizer(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> Tokenizer | None:
+    """`tokenizer` (a tokenizer.model, a tokenizer.json or a folder holding one) wins; else the
     one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-    if tokenizer is not None:
-        path = storage.path(tokenizer)
-        path = path / TOKENIZER_MODEL if path.is_dir() else path
-        if not path.is_file():
-            raise ConversionError(f"--tokenizer={tokenizer}: no SentencePiece model there")
-        return path.read_bytes()
-    if meta.tokenizer is not None:
-        return meta.tokenizer
     saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
-    if saved:
-        return storage.path(saved).read_bytes()
+    path = tokenizer if tokenizer is not None else None if meta.tokenizer is not None else saved
+    if path:
+        try:
+            return load_tokenizer(str(path))
+        except LimaError as e:
+            raise ConversionError(f"--tokenizer={tokenizer}: {e}" if tokenizer is not None else str(e)) from None
+    if meta.tokenizer is not None:
+        return tokenizer_from_record(meta.tokenizer)
     log.warning("%s stores no tokenizer and no --tokenizer was given: the export has no tokenizer files",
                 checkpoint_path)
     return None

@@ -7,11 +7,12 @@ into its slice `[i]` of the checkpoint's array before the next layer is read, so
 is about one layer's tensor (or the embedding) plus fixed overhead, at any depth. The result
 restores with `checkpoint.restore_params(path, abstract_params(cfg), shardings)`.
 
-The source's `tokenizer.model` (or `tokenizer=`) is stored in the checkpoint's meta, so
+The source's `tokenizer.json` or `tokenizer.model` (or `tokenizer=`) is stored in the checkpoint's meta, so
 sampling and export use the tokenizer the weights were released with.
 """
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -23,6 +24,8 @@ from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
 from lima_jax.convert.tokenizer_files import find_source_tokenizer
 from lima_jax.hostmem import bound_heap, return_freed_memory
 from lima_jax.model import ModelConfig, abstract_params
+
+log = logging.getLogger(__name__)
 
 PARAM_DTYPES = ("float32", "bfloat16")
 
@@ -107,7 +110,9 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
     Returns a small report: the model config, bytes read, seconds, whether a tokenizer was
     stored. `add_eot` appends one vocabulary row (LIMA's end-of-turn id = the old vocabulary
     size) to the embedding and the output head, initialised to the mean of the existing rows.
-    `tokenizer`: the SentencePiece model to store (default: the one shipped with the weights)."""
+    `tokenizer`: the tokenizer to store (a tokenizer.model, a tokenizer.json or a folder; default:
+    the one shipped with the weights). One with its own end-of-turn token (Llama 3's
+    `<|eot_id|>`, Qwen's `<|im_end|>`) needs no new row: `add_eot` then adds none (logged)."""
     check_output_location(input_dir, output, overwrite=overwrite)
     out = checkpoint.as_path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -119,18 +124,22 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
         arch = src.arch()
         if vocab_multiple is None and config is None:
             vocab_multiple = 128
+        tok = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
+                                    where_vocab=str(src.dir / src.arch_file))
+        if add_eot and tok is not None and not tok.eot_added:
+            log.info("the tokenizer already has an end-of-turn token (id %d): --add_eot adds no row", tok.eot_id)
+            add_eot = False
         cfg = target_config(arch, config=config, add_eot=add_eot, vocab_multiple=vocab_multiple,
                             param_dtype=param_dtype or (None if config is not None else "float32"),
                             arch_file=str(src.dir / src.arch_file))
         src.check(ModelConfig(**arch, vocab_multiple=1))
-        proto = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
-                                      where_vocab=str(src.dir / src.arch_file))
+        eot_id = arch["vocab_size"] if add_eot else None if tok is None or tok.eot_added else tok.eot_id
         meta = checkpoint.CheckpointMeta(
-            model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None, tokenizer=proto,
+            model=dataclasses.asdict(cfg), eot_id=eot_id, tokenizer=None if tok is None else tok.to_record(),
             source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
         stats: dict = {}
         checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
                                          meta, overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out),
-            "tokenizer": proto is not None}
+            "tokenizer": tok is not None}

@@ -1,8 +1,8 @@
 """Conversation records -> token ids and loss weights, and the counts of what training skips.
 
-Format (LIMA, section 2 of the paper): BOS, then every utterance followed by the EOT token.
-Turns alternate user, assistant, user, ...; the loss covers assistant tokens and the EOT that
-ends each assistant turn, so the model learns to stop. Examples longer than `seq_len + 1` ids
+The ids and loss weights come from the chat format (`lima_jax.data.chat_format`; LIMA's by
+default: BOS, then every utterance followed by the EOT token; the loss covers assistant tokens
+and the EOT that ends each assistant turn, so the model learns to stop). Examples longer than `seq_len + 1` ids
 are cut to `seq_len + 1` (inputs and next-token targets are then `seq_len` long) and counted.
 
 Reading (any record format, file, folder or dataset) is `lima_jax.data.readers`: every bad
@@ -19,9 +19,7 @@ skips is counted in `Stats`, never dropped silently:
 
 import dataclasses
 
-import numpy as np
-
-from lima_jax.data import readers
+from lima_jax.data import chat_format as chat_format_lib, readers
 from lima_jax.data.readers import read_conversations  # noqa: F401 (sampling.answers reads prompts here)
 from lima_jax.data.tokenizer import Tokenizer
 from lima_jax.errors import DataError
@@ -42,30 +40,14 @@ class Stats:
         return Stats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
-def encode_conversation(turns: list[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, weights): BOS, each turn + EOT; weight 1 on odd (assistant) turns and their EOT."""
-    ids, weights = [tokenizer.bos_id], [0.0]
-    for i, turn in enumerate(turns):
-        piece = tokenizer.encode(turn) + [tokenizer.eot_id]
-        ids += piece
-        weights += [float(i % 2 == 1)] * len(piece)
-    return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
-
-
-def format_prompt(turns: list[str], tokenizer: Tokenizer) -> list[int]:
-    """Ids for sampling: the conversation so far (ending with a user turn) in training format;
-    the model continues with the assistant turn and ends it with EOT."""
-    if len(turns) % 2 != 1:
-        raise ValueError("a prompt must end with a user turn (an odd number of turns)")
-    return encode_conversation(turns, tokenizer)[0].tolist()
-
-
-def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = (), *,
-                  record_format: str = "auto", origin: int = 0) -> tuple[list[dict], Stats, str]:
+def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[str, ...] = (),
+                  chat_format: str = "lima", train_on: str = "all", *, record_format: str = "auto",
+                  origin: int = 0) -> tuple[list[dict], Stats, str]:
     """Tokenised training examples from `path` (see `readers`), each a dict with `ids` (int32, at
     most seq_len + 1), `weights` (float32, same length), `line`, `where`, `turns`, `system`,
     `source` and `origin` (the index of the data input it came from); plus counts and the record
-    format read (`readers.read`). `sources`: keep only records whose `source` is listed (empty: all)."""
+    format read (`readers.read`). `sources`: keep only records whose `source` is listed (empty: all).
+    `chat_format`, `train_on`: see `lima_jax.data.chat_format.encode`."""
     stats = Stats()
     examples = []
     conversations, found = readers.read(path, record_format)
@@ -81,8 +63,8 @@ def load_examples(path: str, tokenizer: Tokenizer, seq_len: int, sources: tuple[
             if not turns:
                 stats.skipped_no_response += 1
                 continue
-        trained = dataclasses.replace(conv, turns=tuple(turns))  # what a chat format encodes
-        ids, weights = encode_conversation(list(trained.turns), tokenizer)  # the one encode call
+        trained = dataclasses.replace(conv, turns=tuple(turns))  # what the chat format encodes
+        ids, weights = chat_format_lib.encode(trained, tokenizer, chat_format, train_on)
         if len(ids) > seq_len + 1:
             ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
             stats.trimmed += 1

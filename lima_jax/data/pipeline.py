@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from lima_jax.data import chat_format
 from lima_jax.data.format import Stats, load_examples
 from lima_jax.data.readers import FORMATS
 from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -170,9 +171,11 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     train source held out by the seed (0: none)."""
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer_path)
     sources, inputs = tuple(data_cfg.sources), data_sources(data_cfg)
+    fmt = (data_cfg.get("chat_format", "lima"), data_cfg.get("train_on", "all"))
+    chat_format.check(tokenizer, fmt[0])
     per_input, stats, formats = [], Stats(), []
     for origin, src in enumerate(inputs):
-        examples, counts, found = load_examples(src.path, tokenizer, data_cfg.seq_len, sources,
+        examples, counts, found = load_examples(src.path, tokenizer, data_cfg.seq_len, sources, *fmt,
                                                 record_format=src.format, origin=origin)
         per_input.append(examples)
         stats += counts
@@ -180,7 +183,7 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     first, others = per_input[0], [e for examples in per_input[1:] for e in examples]
     found = dict(inputs=tuple(inputs), formats=tuple(formats), mixed=bool(data_cfg.get("mixture", ())))
     if data_cfg.dev_path:
-        dev, _, dev_format = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources,
+        dev, _, dev_format = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources, *fmt,
                                            record_format=data_cfg.get("format", "auto"))
         return LimaData(tokenizer, first + others, dev, stats, seed, data_cfg.seq_len,
                         f"{data_cfg.dev_path} ({dev_format})", **found)
@@ -290,7 +293,7 @@ def dev_batches(data: LimaData, plan: Plan) -> list[dict]:
 
 
 def dev_prompts(data: LimaData, n: int = 4) -> list[list[str]]:
-    """The first `n` dev conversations cut to their first user turn, ready for format_prompt."""
+    """The first `n` dev conversations cut to their first user turn, ready for `Sampler.prompt_ids`."""
     return [e["turns"][:1] for e in data.dev[:n]]
 
 

@@ -1,9 +1,10 @@
 """Host side of sampling: load a checkpoint onto a mesh, format prompts as in training, batch
 them (padding to few shapes so few compilations), answer a LIMA jsonl file, stream tokens.
 
-The prompt format is lima_jax.data.format's (BOS, each turn + EOT), so a fine-tuned model
-sees exactly what it was taught; `fmt="raw"` feeds the text as-is after BOS, for base models.
-LIMA answers end with EOT; raw continuations end with EOS (both stop every format).
+The prompt format is the checkpoint's chat format (lima_jax.data.chat_format: `lima`, `llama3`,
+`chatml`), so a fine-tuned model sees exactly what it was taught; `fmt="raw"` feeds the text
+as-is after BOS, for base models. Answers end with the format's end-of-turn token; raw
+continuations end with EOS (both stop every format).
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from lima_jax.data import chat_format
 from lima_jax.model import ModelConfig
 from lima_jax.sampling.generate import generate
 from lima_jax.sampling.transforms import SamplingSettings
@@ -25,7 +27,7 @@ from lima_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("lima", "raw")
+FORMATS = (*chat_format.FORMATS, "raw")
 PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one compilation per bucket
 
 
@@ -33,33 +35,35 @@ PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one compil
 class Sampler:
     """A model ready to answer: config, params (placed on `mesh`), tokenizer.
 
-    `tokenizer` needs `encode(text) -> ids` (no BOS), `decode(ids) -> text`, `bos_id`, `eos_id`,
-    `eot_id` (lima_jax.data.tokenizer.Tokenizer has them)."""
+    `tokenizer`: a lima_jax.data.tokenizer.Tokenizer. `chat_format`: the format prompts are
+    written in unless a call names another (the checkpoint's)."""
 
     cfg: ModelConfig
     params: dict
     tokenizer: object
     mesh: Mesh | None = None
+    chat_format: str = "lima"
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """EOS, and EOT where the model has it (a base model's vocabulary ends before EOT's id)."""
-        ids = {int(self.tokenizer.eot_id), int(self.tokenizer.eos_id)}
-        return tuple(sorted(i for i in ids if i < self.cfg.vocab_size))
+        ids = {self.tokenizer.eot_id, self.tokenizer.eos_id, *chat_format.stop_ids(self.tokenizer, self.chat_format)}
+        return tuple(sorted(int(i) for i in ids if i is not None and i < self.cfg.vocab_size))
 
-    def prompt_ids(self, turns: str | Sequence[str], fmt: str = "lima") -> list[int]:
-        """Token ids of a prompt: a user message, or a conversation ending with a user turn."""
+    def prompt_ids(self, turns: str | Sequence[str], fmt: str | None = None, system: str | None = None) -> list[int]:
+        """Token ids of a prompt: a user message, or a conversation ending with a user turn, in
+        `fmt` (default: the checkpoint's chat format), with a system message where it has one."""
         turns = [turns] if isinstance(turns, str) else list(turns)
-        if fmt == "lima":
-            from lima_jax.data.format import format_prompt
-            if self.tokenizer.eot_id >= self.cfg.vocab_size:  # a base model: no EOT row to end turns with
-                raise ValueError("format 'lima' needs LIMA's end-of-turn token, but this checkpoint is a base model "
-                                 f"without one (vocab_size {self.cfg.vocab_size} = the tokenizer's pieces): sample "
-                                 "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
-            return format_prompt(turns, self.tokenizer)
+        fmt = fmt or self.chat_format
         if fmt == "raw":
-            return [self.tokenizer.bos_id] + self.tokenizer.encode("\n".join(turns))
-        raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
+            return [self.tokenizer.bos_id] * (self.tokenizer.bos_id is not None) + self.tokenizer.encode("\n".join(turns))
+        if fmt not in FORMATS:
+            raise ValueError(f"format={fmt!r}; choose one of {FORMATS}")
+        if chat_format.end_of_turn_id(self.tokenizer, fmt) >= self.cfg.vocab_size:  # a base model without EOT
+            raise ValueError(f"format {fmt!r} needs an end-of-turn token, but this checkpoint is a base model "
+                             f"without one (vocab_size {self.cfg.vocab_size} = the tokenizer's pieces): sample "
+                             "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
+        return chat_format.prompt_ids(turns, self.tokenizer, fmt, system)
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
@@ -107,10 +111,10 @@ class Sampler:
                 for i in range(n)]
 
     def answer(self, turns: str | Sequence[str], settings: SamplingSettings = SamplingSettings(), seed: int = 0,
-               fmt: str = "lima", stream: Callable[[str], None] | None = None) -> dict:
+               fmt: str | None = None, stream: Callable[[str], None] | None = None, system: str | None = None) -> dict:
         """One prompt -> {"answer", "prompt_tokens", "answer_tokens", "stopped"}; `stream(text)` gets
         each new piece of text as it is decoded."""
-        ids = self.prompt_ids(turns, fmt)
+        ids = self.prompt_ids(turns, fmt, system)
         on_token = None
         if stream is not None:
             on_token = _TextStream(self.tokenizer, stream, self.stop_ids)
@@ -157,7 +161,7 @@ class _TextStream:
 
 
 def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings: SamplingSettings = SamplingSettings(),
-                batch_size: int = 8, seed: int = 0, fmt: str = "lima", progress: bool = True,
+                batch_size: int = 8, seed: int = 0, fmt: str | None = None, progress: bool = True,
                 overwrite: bool = False, resume: bool = False) -> dict:
     """Answer every line of a LIMA-format jsonl file (`{"conversations": [user, ...]}`, ending
     with a user turn), `batch_size` prompts at a time in file order; append one JSON line per
@@ -171,6 +175,7 @@ def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings:
 
     answers = AnswersFile(output_path, overwrite, resume)
     records = read_prompts(prompts_path)
+    fmt = fmt or sampler.chat_format
     meta = json.loads(json.dumps(dict(settings.as_dict(), seed=seed, format=fmt, stop_ids=list(sampler.stop_ids))))
     check_resumed(answers.done, records, meta, output_path, prompts_path)
     prompts = [sampler.prompt_ids(turns, fmt) for _, turns in records]
@@ -234,7 +239,7 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
         params = _merged_lora_params(checkpoint_path, meta, cfg, mesh, shardings)
     else:
         params = checkpoint.restore_params(checkpoint_path, abstract_params(cfg), shardings)
-    return Sampler(cfg, params, tokenizer, mesh), config
+    return Sampler(cfg, params, tokenizer, mesh, meta.chat_format or "lima"), config
 
 
 def _merged_lora_params(checkpoint_path, meta, cfg: ModelConfig, mesh: Mesh, shardings) -> dict:
@@ -261,14 +266,12 @@ def _merged_lora_params(checkpoint_path, meta, cfg: ModelConfig, mesh: Mesh, sha
 
 def _checkpoint_tokenizer(checkpoint_path, meta, config, tokenizer_path: str | None) -> tuple[object, str]:
     """(Tokenizer, where it came from) for `load_sampler`, in its order; never a silent demo."""
-    import sentencepiece as spm
-
-    from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
+    from lima_jax.data.tokenizer import load_tokenizer, tokenizer_from_record
 
     if tokenizer_path is not None:
         return load_tokenizer(tokenizer_path), tokenizer_path
     if meta.tokenizer is not None:
-        return Tokenizer(spm.SentencePieceProcessor(model_proto=meta.tokenizer)), "the checkpoint's tokenizer"
+        return tokenizer_from_record(meta.tokenizer), "the checkpoint's tokenizer"
     path = config.data.get("tokenizer_path", "")
     if path:
         return load_tokenizer(path), path
@@ -282,8 +285,15 @@ def _checkpoint_tokenizer(checkpoint_path, meta, config, tokenizer_path: str | N
 def _check_tokenizer_fits(tokenizer, origin: str, vocab_size: int, eot_id: int | None, checkpoint_path) -> None:
     """A fine-tuned model's EOT id is the tokenizer's piece count; a base model (no EOT row) has
     exactly the tokenizer's pieces as vocabulary. A checkpoint that records no eot_id but has one
-    row more than the pieces is a fine-tuned model (EOT = pieces, the Tokenizer's convention)."""
-    pieces = tokenizer.num_pieces
+    row more than the pieces is a fine-tuned model (EOT = pieces, the Tokenizer's convention).
+    A tokenizer with its own end-of-turn token (HF) fits a model with at least its ids."""
+    if not tokenizer.eot_added:
+        if tokenizer.vocab_size > vocab_size or eot_id not in (None, tokenizer.eot_id):
+            raise ValueError(f"{origin} has {tokenizer.vocab_size} ids (end of turn {tokenizer.eot_id}) but "
+                             f"{checkpoint_path} has {vocab_size} rows and EOT id {eot_id}: this is not the tokenizer "
+                             "the weights were trained with: pass the right one with --tokenizer")
+        return
+    pieces = tokenizer.vocab_size - 1
     if eot_id is not None:
         fits, expected = pieces == eot_id, f"its EOT id {eot_id} needs {eot_id} pieces"
     else:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lima_jax.data import chat_format
 from lima_jax.serving.engine import Engine, Finished, Request, Token
 from lima_jax.serving.protocol import ChatRequest, CompletionRequest, InvalidRequest, chat_turns, settings_of
 from lima_jax.serving.text import TextStream, token_text
@@ -62,9 +63,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        turns = chat_turns(body.messages)
+        sampler = engine.sampler
+        system, turns = chat_turns(body.messages, chat_format.HAS_SYSTEM.get(sampler.chat_format, False))
         try:
-            prompt = engine.sampler.prompt_ids(turns, "lima")
+            prompt = sampler.prompt_ids(turns, system=system)
         except ValueError as e:  # a base model has no EOT to end turns with
             raise InvalidRequest(f"{e}; use /v1/completions", "messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None

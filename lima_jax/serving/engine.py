@@ -125,7 +125,7 @@ class Engine:
         """Compile the prefills (`_compile_prefills`) and the decode step (a one-token request)."""
         self.feed.put(("warmup",))
         done = threading.Event()
-        bos = self.sampler.tokenizer.bos_id
+        bos = self.sampler.tokenizer.bos_id or 0  # any token compiles the step (Qwen has no BOS)
         self.submit(Request((bos,), 1), lambda e: done.set() if isinstance(e, Finished) else None)
         if not done.wait(timeout):
             raise TimeoutError(f"the engine did not answer a one-token request in {timeout} s")

@@ -8,9 +8,10 @@ unless set; `temperature: 0` means greedy. `repetition_penalty` is an extension 
 openai client sends it through `extra_body`). `logit_bias` is added to the logits before
 the penalty; logprobs are the model's own (log-softmax before any transform).
 
-Messages: LIMA's format has user and assistant turns only, alternating, starting and ending
-with the user; a `system` message is refused (LIMA has no system role; the Hugging Face
-export's chat template refuses it too): put instructions in the first user message.
+Messages: user and assistant turns, alternating, starting and ending with the user; one
+leading `system` message where the checkpoint's chat format has a system role (`llama3`,
+`chatml`); `lima` has none, so there it is refused (the Hugging Face export's chat template
+refuses it too): put instructions in the first user message.
 """
 
 from typing import Annotated, Literal
@@ -92,21 +93,24 @@ class CompletionRequest(_Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def chat_turns(messages: list[Message]) -> list[str]:
-    """LIMA's turns from OpenAI messages, or InvalidRequest."""
-    if not messages:
+def chat_turns(messages: list[Message], allow_system: bool = False) -> tuple[str | None, list[str]]:
+    """(system message or None, turns) from OpenAI messages, or InvalidRequest. `allow_system`:
+    the chat format has a system role (one, first)."""
+    start = int(allow_system and bool(messages) and messages[0].role == "system")
+    if len(messages) == start:
         raise InvalidRequest("messages is empty: send at least one user message", "messages")
-    for i, message in enumerate(messages):
+    for i, message in enumerate(messages[start:], start):
         if message.role == "system":
-            raise InvalidRequest("LIMA has no system role (its format alternates user and assistant turns): put the "
-                                 "instructions in the first user message", f"messages[{i}].role")
-        expected = "user" if i % 2 == 0 else "assistant"
+            raise InvalidRequest("a system message is allowed only first" if allow_system else
+                                 "this model's chat format has no system role (LIMA's alternates user and assistant "
+                                 "turns): put the instructions in the first user message", f"messages[{i}].role")
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
         if message.role != expected:
-            raise InvalidRequest(f"messages[{i}] is {message.role!r} but LIMA's turns alternate user and assistant, "
+            raise InvalidRequest(f"messages[{i}] is {message.role!r} but the turns alternate user and assistant, "
                                  f"starting with user: expected {expected!r}", f"messages[{i}].role")
     if messages[-1].role != "user":
         raise InvalidRequest("the last message must be the user's (the model answers it)", "messages")
-    return [m.text() for m in messages]
+    return (messages[0].text() if start else None), [m.text() for m in messages[start:]]
 
 
 def settings_of(body: _Sampling) -> dict:

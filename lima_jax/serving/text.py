@@ -61,13 +61,6 @@ class TextStream:
 
 
 def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
-    """(text, UTF-8 bytes) of one token for logprobs: its piece with SentencePiece's word marker
-    as a space; a byte-fallback piece is its byte; EOT and other ids past the pieces are named."""
-    sp = tokenizer.sp
-    if token >= tokenizer.num_pieces:
-        return ("<|eot|>" if token == tokenizer.eot_id else f"<|{token}|>"), []
-    if sp.is_byte(token):
-        value = int(sp.id_to_piece(token)[3:5], 16)  # "<0x0A>"
-        return bytes([value]).decode("utf-8", errors="replace"), [value]
-    text = sp.id_to_piece(token).replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    """(text, UTF-8 bytes) of one token for logprobs (`Tokenizer.token_text`): a piece's text, a
+    byte-fallback piece's byte; EOT, other special tokens and ids past the vocabulary are named."""
+    return tokenizer.token_text(token)

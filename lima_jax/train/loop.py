@@ -19,7 +19,7 @@ from etils import epath
 from lima_jax import checkpoint as ckpt, config as config_lib
 from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
-from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_proto
+from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 from lima_jax.errors import ConfigError, NonFiniteLoss, ResumeRefused
 from lima_jax.model import abstract_params, flops_per_token, init_params, lora as lora_lib, param_logical_axes
 from lima_jax.sharding import BatchLayout, make_mesh, named_shardings, num_slices
@@ -89,9 +89,9 @@ def prepare(config, workdir) -> Run:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     data = pipeline.load_data(config.data, config.seed, tokenizer=initial_tokenizer(config))
-    if data.tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} has {data.tokenizer.num_pieces} "
-                         f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
+    if not data.tokenizer.fits_vocab(model_cfg.vocab_size):
+        raise ValueError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} needs {data.tokenizer.vocab_size} "
+                         f"ids{' (pieces + EOT)' if data.tokenizer.eot_added else ''}, but config.model.vocab_size="
                          f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
     identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
     check_same_run_on_all_processes(config, identity)
@@ -121,9 +121,9 @@ def initial_tokenizer(config) -> Tokenizer | None:
         return None
     stored = ckpt.read_meta(config.init_checkpoint).tokenizer
     if stored is None or not config.data.tokenizer_path:
-        return None if stored is None else tokenizer_from_proto(stored)
+        return None if stored is None else tokenizer_from_record(stored)
     given = load_tokenizer(config.data.tokenizer_path)
-    if given.sp.serialized_model_proto() != stored:
+    if not given.same_as(tokenizer_from_record(stored)):
         raise ValueError(f"config.data.tokenizer_path={config.data.tokenizer_path} is not the tokenizer stored with "
                          f"config.init_checkpoint={config.init_checkpoint}; leave tokenizer_path empty to use that one")
     return given
@@ -342,8 +342,8 @@ class StepLoop:
 def save(run: Run, step: int, state: TrainState, train_iter) -> None:
     meta = ckpt.CheckpointMeta(
         model=dict(run.program.model_cfg.__dict__), step=step, eot_id=run.data.tokenizer.eot_id,
-        tokenizer=run.data.tokenizer.sp.serialized_model_proto(), config=json.loads(run.config.to_json_best_effort()),
-        run=run.identity, source={"from": "train"}, lora=lora_record(run))
+        tokenizer=run.data.tokenizer.to_record(), config=json.loads(run.config.to_json_best_effort()),
+        run=run.identity, source={"from": "train"}, lora=lora_record(run), chat_format=run.config.data.chat_format)
     ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta)
 
 
@@ -380,7 +380,7 @@ def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:
     from lima_jax.sampling.sampler import Sampler  # sampling is optional for training
     from lima_jax.sampling.transforms import SamplingSettings
 
-    sampler = Sampler(run.program.model_cfg, params, data.tokenizer, run.program.mesh)
+    sampler = Sampler(run.program.model_cfg, params, data.tokenizer, run.program.mesh, config.data.chat_format)
     prompts = pipeline.dev_prompts(data, n)
     outs = sampler.generate_ids([sampler.prompt_ids(p) for p in prompts],
                                 SamplingSettings(max_new_tokens=config.train.sample_max_new_tokens), seed=config.seed)
