@@ -2,7 +2,7 @@
 
 A checkpoint directory is an Orbax `CheckpointManager` root with one folder per step. Each
 step holds the items `params` (the model's nested dict of arrays, scanned-layer layout),
-`meta` (JSON: model config, epoch, ...) and, in training checkpoints, `opt_state` and
+`meta` (JSON: model config, tokenizer, ...; its typed form is lima_jax.model_store's) and, in training checkpoints, `opt_state` and
 `data_iter` (the Grain iterator state). A converted checkpoint is the same with only
 `params` and `meta`, so the trainer and the sampler read both the same way.
 
@@ -11,8 +11,6 @@ mid-save leaves nothing that `latest_step()` would pick for a resume. Restores r
 the target shardings, so each host reads only the bytes of the shards it holds.
 """
 
-import base64
-import dataclasses
 import pathlib
 from typing import Any
 
@@ -82,55 +80,16 @@ def restore_params_part(path, abstract_part, shardings) -> dict:
     return restored[PARAMS]
 
 
-@dataclasses.dataclass
-class CheckpointMeta:
-    """The one `meta` record of every checkpoint: written by training and conversion, read by
-    training (resume checks), sampling and export. Stored as the JSON item `meta`, so it is
-    saved and committed atomically with the arrays.
-
-    model: the ModelConfig fields. eot_id: LIMA's end-of-turn id, None for a base model
-    converted without it. tokenizer: the SentencePiece model proto the weights were trained
-    with (bytes; None if unknown), so sampling and export never guess. config: the training
-    config (training checkpoints). run: the run-defining values a resume must match.
-    source: where the weights came from ("train", or a conversion record). lora: in a LoRA
-    training checkpoint, whose `params` are the adapters only (megabytes), their settings (rank,
-    alpha, dropout, targets, base_dtype) and the frozen base they apply to: `base_checkpoint`
-    (a converted checkpoint; "" for the random init of `base_seed`); None otherwise."""
-
-    model: dict
-    step: int = 0
-    eot_id: int | None = None
-    tokenizer: bytes | None = None
-    config: dict | None = None
-    run: dict | None = None
-    source: dict = dataclasses.field(default_factory=dict)
-    lora: dict | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["tokenizer"] = None if self.tokenizer is None else base64.b64encode(self.tokenizer).decode("ascii")
-        return out
-
-    @classmethod
-    def from_json(cls, record: dict) -> "CheckpointMeta":
-        record = dict(record)
-        tokenizer = record.pop("tokenizer", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        meta = cls(**{k: v for k, v in record.items() if k in known})
-        meta.tokenizer = None if tokenizer is None else base64.b64decode(tokenizer)
-        return meta
-
-
-def read_meta(path) -> CheckpointMeta:
-    """The `meta` record of a checkpoint (see `locate` for `path`)."""
+def read_meta_json(path) -> dict:
+    """The `meta` item of a checkpoint (see `locate` for `path`) as written: a JSON dict
+    (lima_jax.model_store reads it as a typed record)."""
     root, step = locate(path)
     with manager(root, read_only=True) as mngr:
-        record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    return CheckpointMeta.from_json(record)
+        return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, data_iter,
-                     meta: CheckpointMeta) -> None:
+                     meta: dict) -> None:
     """One training checkpoint: params, optimizer state, the Grain iterator and the meta record
     (asynchronous if the manager is). A step already saved is left alone."""
     import grain
@@ -141,13 +100,13 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, 
         PARAMS: ocp.args.StandardSave(params),
         OPT_STATE: ocp.args.StandardSave(opt_state),
         DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
-        META: ocp.args.JsonSave(meta.to_json()),
+        META: ocp.args.JsonSave(meta),
     }))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_target, data_iter,
-                        warn) -> tuple[int, Any, Any, CheckpointMeta] | None:
-    """(step, params, opt_state, meta) of the newest checkpoint that restores and holds finite
+                        warn) -> tuple[int, Any, Any, dict] | None:
+    """(step, params, opt_state, meta JSON) of the newest checkpoint that restores and holds finite
     parameters, read into the targets' shardings (see `target_tree`); `data_iter` is set to
     that step's position. None when there is none.
 
@@ -168,7 +127,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_ta
         except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
             problem = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         if problem is None:
-            return step, restored[PARAMS], restored[OPT_STATE], CheckpointMeta.from_json(restored[META])
+            return step, restored[PARAMS], restored[OPT_STATE], restored[META]
         moved = set_aside(mngr, step)
         warn(f"checkpoint {mngr.directory}/{step} is damaged: {problem}; moved to {moved}, "
              f"falling back to the previous one")
@@ -199,18 +158,18 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
     return target
 
 
-def save_params(directory, params, meta: CheckpointMeta, step: int = 0) -> pathlib.Path:
+def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
     """Write a params-only checkpoint (the converter's output) and wait until it is complete."""
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
-                                                   META: ocp.args.JsonSave(meta.to_json())}))
+                                                   META: ocp.args.JsonSave(meta)}))
         mngr.wait_until_finished()
     return as_path(directory) / str(step)
 
 
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
 
-def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0, *, overwrite: bool = False,
+def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overwrite: bool = False,
                           chunk_bytes: int = 32 << 20, compress: bool = False,
                           node_cache_bytes: int = 0) -> epath.Path:
     """Write a params-only checkpoint one layer slice at a time; restores like `save_params`'s.
@@ -296,7 +255,7 @@ def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0
             "store_array_data_equal_to_fill_value": ts_utils.STORE_ARRAY_DATA_EQUAL_TO_FILL_VALUE,
             "custom_metadata": None}))
         (step_dir / META).mkdir()
-        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta.to_json()))
+        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
         (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps({
             "item_handlers": {
                 META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",

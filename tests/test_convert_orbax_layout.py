@@ -41,7 +41,7 @@ def test_pyproject_pins_the_installed_orbax():
 
 
 def test_streamed_checkpoint_has_orbaxs_metadata_and_restores_with_plain_orbax(tmp_path):
-    meta = checkpoint.CheckpointMeta(model={"dim": 3})
+    meta = {"model": {"dim": 3}}  # the meta item as JSON (typed by lima_jax.model_store)
     checkpoint.save_params(tmp_path / "orbax", TREE, meta)  # Orbax's own writer
     checkpoint.save_params_streaming(tmp_path / "stream", streamed(TREE), meta)
     ours, theirs = tmp_path / "stream" / "0", tmp_path / "orbax" / "0"
@@ -76,5 +76,5 @@ def test_streaming_writer_refuses_a_foreign_temporary_folder(tmp_path, leftover)
     foreign.mkdir()
     (foreign / "someone_elses.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=rf"ckpt\.{leftover} already exists .*remove it yourself"):
-        checkpoint.save_params_streaming(tmp_path / "ckpt", streamed(TREE), checkpoint.CheckpointMeta(model={}))
+        checkpoint.save_params_streaming(tmp_path / "ckpt", streamed(TREE), {})
     assert (foreign / "someone_elses.txt").read_text() == "keep me" and not (tmp_path / "ckpt").exists()

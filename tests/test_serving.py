@@ -9,7 +9,6 @@ at once; stop strings, logit_bias, seeds and raw completions; malformed requests
 OpenAI-style 400 and the server goes on serving."""
 
 import concurrent.futures
-import dataclasses
 import os
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import openai
 import pytest
 import sentencepiece as spm
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.data.tokenizer import Tokenizer
 from lima_jax.model import bind
 from lima_jax.sampling import SamplingSettings
@@ -44,8 +43,8 @@ def build_checkpoint(path) -> str:
     """A tiny LIMA-style chat checkpoint (trained here) with its tokenizer and EOT id."""
     proto = train_tokenizer(PIECES, byte_fallback=True)
     tokenizer = Tokenizer(spm.SentencePieceProcessor(model_proto=proto))
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG), step=250, eot_id=PIECES, tokenizer=proto)
-    checkpoint.save_params(path, train(tokenizer), meta)
+    meta = model_store.CheckpointMeta(model=CFG, step=250, eot_id=PIECES, tokenizer=model_store.TokenizerRecord.sentencepiece(proto))
+    model_store.save_params(path, train(tokenizer), meta)
     return str(path)
 
 

@@ -9,23 +9,23 @@ carries LIMA's decoding (`LIMA_DECODING`; transformers' repetition penalty also 
 prompt's tokens, LIMA's only the answer's). Every tensor's name, shape and size are known from the
 config, so the shards are planned up front (at most `max_shard_bytes` each, whole layers in
 order), each file's header is written first and each HF tensor is then read alone from the
-checkpoint (`checkpoint.ParamsReader`: one layer's slice of a stacked leaf), converted and
+checkpoint (`model_store.params_reader`: one layer's slice of a stacked leaf), converted and
 appended. Host memory is about one layer's tensor, whatever the depth or the shard size.
-A LoRA checkpoint exports merged: its base's tensors plus the adapters (`params_reader`).
+A LoRA checkpoint exports merged: its base's tensors plus the adapters (`model_store.params_reader`).
 """
 
 import json
 import logging
 
 import numpy as np
-from etils import epath
 
-from lima_jax import checkpoint, storage
+from lima_jax import model_store
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
+from lima_jax.convert.safetensors_stream import SafetensorsStream
 from lima_jax.convert.safety import export_target, writing_into
-from lima_jax.convert.tokenizer_files import TOKENIZER_MODEL, hf_tokenizer_files, processor
+from lima_jax.convert.tokenizer_files import hf_tokenizer_files
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
 
@@ -42,9 +42,6 @@ def generation_config(eot_id: int | None) -> dict:
     transformers' defaults."""
     config = {"bos_token_id": BOS_ID, "eos_token_id": stop_ids(eot_id)}
     return config if eot_id is None else {**config, **LIMA_DECODING}
-
-
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def export_order(cfg: ModelConfig) -> list[tuple]:
@@ -71,39 +68,6 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], int]], max_bytes: int)
     return [s for s in shards if s]
 
 
-class _SafetensorsStream:
-    """One safetensors file written tensor by tensor: every name, shape and dtype is known up
-    front, so the header (with all data offsets) goes first and each tensor's bytes are
-    appended as it arrives; nothing but the current tensor is held in memory."""
-
-    def __init__(self, path: epath.Path, tensors: list[tuple[str, tuple[int, ...], int]], dtype: str):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, nbytes in tensors:
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
-        self.expected = [(name, shape) for name, shape, _ in tensors]
-        self.f = path.open("wb")
-        self.f.write(len(blob).to_bytes(8, "little") + blob)
-
-    def add(self, name: str, w: np.ndarray):
-        want_name, want_shape = self.expected.pop(0)
-        assert (name, tuple(w.shape)) == (want_name, tuple(want_shape)), (name, w.shape, want_name, want_shape)
-        w = np.ascontiguousarray(w)
-        self.f.write(w.reshape(-1).view(np.uint8).data)  # little-endian hosts, as safetensors stores
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.f.close()
-        if exc_type is None:
-            assert not self.expected, f"tensors never written: {[n for n, _ in self.expected][:5]}"
-
-
 def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = None, overwrite: bool = False,
               max_shard_bytes: int = 5 << 30) -> dict:
     """Write the HF folder for the checkpoint at `checkpoint_path` (work dir, manager root or step).
@@ -112,17 +76,19 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
     layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
     out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
-    meta = checkpoint.read_meta(checkpoint_path)
-    if not meta.model:
-        raise ConversionError(f"{checkpoint_path}: its meta item has no model config")
-    cfg = ModelConfig.from_config(meta.model)
+    meta = model_store.read_meta(checkpoint_path)
+    cfg = meta.model
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
-    proto = _tokenizer_proto(tokenizer, meta, checkpoint_path)
-    eot_id = _eot_id(meta, cfg, proto)
-    tok_files = {} if proto is None else hf_tokenizer_files(proto, eot_id, cfg.vocab_size, cfg.max_seq_len)
+    chosen, why = model_store.choose_tokenizer(meta, checkpoint_path, tokenizer_path=None if tokenizer is None else
+                                               str(tokenizer), required=False, check=False)  # hf_tokenizer_files checks
+    if chosen is None:
+        log.warning("%s: the export has no tokenizer files", why)
+    eot_id = model_store.eot_id(meta, None if chosen is None else chosen.num_pieces)
+    tok_files = {} if chosen is None else hf_tokenizer_files(model_store.record_of(chosen).data, eot_id,
+                                                             cfg.vocab_size, cfg.max_seq_len)
     bound_heap()
-    reader = params_reader(checkpoint_path, meta)
+    reader = model_store.params_reader(checkpoint_path, meta)
     abstract = abstract_params(cfg)
     for entry in LAYOUT:  # the checkpoint holds what its meta says, before anything is written
         stored, spec = reader.array(entry.path), get_path(abstract, entry.path)
@@ -139,7 +105,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     with writing_into(tmp, out):
         todo = iter(order)
         for name, shard in zip(names, shards):
-            with _SafetensorsStream(tmp / name, shard, dtype) as stream:
+            with SafetensorsStream(tmp / name, shard, dtype) as stream:
                 for _ in shard:
                     entry, i = next(todo)
                     w = entry.to_hf(reader.read(entry.path, i), cfg).astype(np_dtype, copy=False)
@@ -156,15 +122,6 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 
 
-def params_reader(checkpoint_path, meta: checkpoint.CheckpointMeta):
-    """The checkpoint's tensors; for a LoRA checkpoint, its base's with the adapters merged in."""
-    if not meta.lora:
-        return checkpoint.ParamsReader(checkpoint_path)
-    from lima_jax.convert.lora_export import MergedReader
-
-    return MergedReader(checkpoint_path, meta)
-
-
 def _np_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
@@ -173,31 +130,3 @@ def _np_dtype(name: str):
     if name not in ("float32", "float16"):
         raise ConversionError(f"--dtype={name!r}; choose float32, bfloat16 or float16")
     return np.dtype(name)
-
-
-def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, proto: bytes | None) -> int | None:
-    """The checkpoint's EOT id; for one that records none but has one row more than its
-    tokenizer's pieces (written before eot_id was recorded), EOT = the piece count, as in training."""
-    if meta.eot_id is not None or proto is None:
-        return meta.eot_id
-    pieces = processor(proto, "the checkpoint's tokenizer").get_piece_size()
-    return pieces if cfg.vocab_size == pieces + 1 else None
-
-
-def _tokenizer_proto(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> bytes | None:
-    """`tokenizer` (a SentencePiece model, or a folder holding tokenizer.model) wins; else the
-    one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-    if tokenizer is not None:
-        path = storage.path(tokenizer)
-        path = path / TOKENIZER_MODEL if path.is_dir() else path
-        if not path.is_file():
-            raise ConversionError(f"--tokenizer={tokenizer}: no SentencePiece model there")
-        return path.read_bytes()
-    if meta.tokenizer is not None:
-        return meta.tokenizer
-    saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
-    if saved:
-        return storage.path(saved).read_bytes()
-    log.warning("%s stores no tokenizer and no --tokenizer was given: the export has no tokenizer files",
-                checkpoint_path)
-    return None

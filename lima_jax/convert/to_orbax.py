@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lima_jax import checkpoint, storage
+from lima_jax import checkpoint, model_store, storage
 from lima_jax.convert.layout import LAYOUT, get_path, mean_row
 from lima_jax.convert.safety import check_output_location
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
@@ -125,12 +125,14 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
         src.check(ModelConfig(**arch, vocab_multiple=1))
         proto = find_source_tokenizer(src.tokenizer(), tokenizer, vocab_size=arch["vocab_size"],
                                       where_vocab=str(src.dir / src.arch_file))
-        meta = checkpoint.CheckpointMeta(
-            model=dataclasses.asdict(cfg), eot_id=arch["vocab_size"] if add_eot else None, tokenizer=proto,
+        meta = model_store.CheckpointMeta(
+            model=cfg, eot_id=arch["vocab_size"] if add_eot else None,
+            tokenizer=None if proto is None else model_store.TokenizerRecord.sentencepiece(proto),
+            chat_format=model_store.LIMA_FORMAT if add_eot else None,
             source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
         stats: dict = {}
         checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
-                                         meta, overwrite=overwrite)
+                                         meta.to_json(), overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out),
             "tokenizer": proto is not None}

@@ -27,10 +27,7 @@ import json
 import numpy as np
 
 from lima_jax.data.tokenizer import Tokenizer
-
-
-class DataError(ValueError):
-    """Malformed input; the message names the file and line."""
+from lima_jax.errors import DataError  # defined with every expected failure; importable from here too
 
 
 @dataclasses.dataclass
