@@ -115,10 +115,10 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.rows_per_step={rows!r}: a positive number of rows, or -1 (sized by the plan)")
     if rows > 0 and rows % c.train.grad_accum_steps:
         raise ConfigError(f"config.train.grad_accum_steps={c.train.grad_accum_steps} does not divide "
-                         f"config.data.rows_per_step={rows}")
+                          f"config.data.rows_per_step={rows}")
     if c.data.seq_len > c.model.max_seq_len:
         raise ConfigError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
-                         f"{c.model.max_seq_len}, the context the model's positions cover")
+                          f"{c.model.max_seq_len}, the context the model's positions cover")
     for key in ("optimizer.learning_rate", "optimizer.end_learning_rate"):
         section, name = key.split(".")
         if not c[section][name] >= 0:
@@ -127,7 +127,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
     unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]
     if unknown:
         raise ConfigError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "
-                         f"choose from {list(RUN_DEFINING)}")
+                          f"choose from {list(RUN_DEFINING)}")
 
 
 # What defines a run: a resume must match these (or list them in config.train.accept_changed).
@@ -190,14 +190,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
                        ("model.ffn_dim", model.ffn_dim)):
         if value % tensor:
             raise ConfigError(f"config.{key}={value} is not divisible by the tensor-parallel size "
-                             f"{tensor} (config.mesh.tensor x config.mesh.dcn_tensor)")
+                              f"{tensor} (config.mesh.tensor x config.mesh.dcn_tensor)")
     if model.padded_vocab_size % tensor:
         raise ConfigError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
-                         f"size {tensor}: raise config.model.vocab_multiple")
+                          f"size {tensor}: raise config.model.vocab_multiple")
     if model.attention == "splash" and c.data.seq_len % 128:
         raise ConfigError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
-                         f"{c.data.seq_len} is not a multiple of 128")
+                          f"{c.data.seq_len} is not a multiple of 128")
     if model.attention == "cudnn" and model.dtype not in ("bfloat16", "float16"):
         raise ConfigError(f"config.model.attention='cudnn' runs in bfloat16 or float16, not config.model.dtype="
-                         f"{model.dtype!r}")
+                          f"{model.dtype!r}")
     return model

@@ -90,8 +90,8 @@ def prepare(config, workdir) -> Run:
     data = pipeline.load_data(config.data, config.seed, tokenizer=model_store.training_tokenizer(config))
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} has {data.tokenizer.num_pieces} "
-                         f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
-                         f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
+                          f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
+                          f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
     identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
     check_same_data_on_all_processes(identity["data.train"] + identity["data.dev"])
     plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
