@@ -2,9 +2,15 @@
 
 A checkpoint directory is an Orbax `CheckpointManager` root with one folder per step. Each
 step holds the items `params` (the model's nested dict of arrays, scanned-layer layout),
-`meta` (JSON: model config, tokenizer, ...; its typed form is lima_jax.model_store's) and, in training checkpoints, `opt_state` and
+`meta` (JSON: model config, tokenizer, ...; typed by lima_jax.model_store), `fingerprints` (JSON: a checksum of every saved
+array's bits, `lima_jax.fingerprints`) and, in training checkpoints, `opt_state` and
 `data_iter` (the Grain iterator state). A converted checkpoint is the same with only
-`params` and `meta`, so the trainer and the sampler read both the same way.
+`params`, `meta` and `fingerprints`, so the trainer and the sampler read both the same way.
+
+Checkpoints cannot lie: every restore compares the arrays it read with their fingerprints and
+checks them for non-finite values; a step that fails is `DamagedCheckpoint`. Training sets it
+aside and resumes from the one before (`restore_train_state`); readers fall back the same way
+with a warning (`newest_good`), unless the user named that very step.
 
 Orbax writes each step to a temporary folder and renames it only once complete, so a crash
 mid-save leaves nothing that `latest_step()` would pick for a resume. Restores read into
@@ -12,16 +18,19 @@ the target shardings, so each host reads only the bytes of the shards it holds.
 """
 
 import pathlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from lima_jax import storage
+from lima_jax import fingerprints as fp, storage
+from lima_jax.errors import DamagedCheckpoint, LimaError
 
-PARAMS, OPT_STATE, DATA_ITER, META = "params", "opt_state", "data_iter", "meta"
+PARAMS, OPT_STATE, DATA_ITER, META, FINGERPRINTS = "params", "opt_state", "data_iter", "meta", "fingerprints"
+T = TypeVar("T")
 CHECKPOINTS_SUBDIR = "checkpoints"  # inside a training work dir
 
 
@@ -42,17 +51,45 @@ def manager(directory, *, keep_steps=(), keep_latest: int = 1, async_save: bool 
 
 def locate(path) -> tuple[epath.Path, int]:
     """(manager root, step) for a training work dir, a checkpoint root (latest step) or one step folder."""
+    root, steps, _ = candidates(path)
+    return root, steps[0]
+
+
+def candidates(path) -> tuple[epath.Path, list[int], bool]:
+    """(manager root, steps to try newest first, whether the step was named explicitly): the
+    one step of a step folder, or every complete step of a work dir or checkpoint root."""
     path = as_path(path)
     if (path / CHECKPOINTS_SUBDIR).is_dir():
         path = path / CHECKPOINTS_SUBDIR
     if path.name.isdigit() and (path / PARAMS).exists():
-        return path.parent, int(path.name)
+        return path.parent, [int(path.name)], True
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    step = manager(path, read_only=True).latest_step()
-    if step is None:
+    steps = sorted(manager(path, read_only=True).all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"{path} holds no complete checkpoint")
-    return path, step
+    return path, steps, False
+
+
+def newest_good(path, load: Callable[[epath.Path], T], warn: Callable[[str], None]) -> T:
+    """`load(step folder)` for the newest step of `path` that loads without `DamagedCheckpoint`
+    (or any failure to read it), warning about each damaged step passed over. A step folder
+    named explicitly is the user's choice: its damage is raised, never stepped over."""
+    root, steps, explicit = candidates(path)
+    for step in steps:
+        try:
+            return load(root / str(step))
+        except DamagedCheckpoint as e:
+            problem = str(e)
+        except (FileNotFoundError, PermissionError, LimaError):  # the user's to fix, not the step's damage
+            raise
+        except Exception as e:  # noqa: BLE001  anything else that fails to read a step: try the one before
+            problem = f"{root / str(step)} does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        if explicit:
+            raise DamagedCheckpoint(f"{problem}; it was named explicitly, so no other step is used",
+                                    todo="name another step, or the work dir to use the newest good one")
+        warn(f"warning: checkpoint step {step} is damaged: {problem}; falling back to the previous step")
+    raise DamagedCheckpoint(f"every checkpoint in {root} is damaged (steps {steps})")
 
 
 def target_tree(abstract, shardings):
@@ -61,23 +98,128 @@ def target_tree(abstract, shardings):
 
 
 def restore_params(path, abstract_params, shardings) -> dict:
-    """The `params` item of a checkpoint (see `locate` for `path`), restored into `shardings`."""
+    """The `params` item of a checkpoint (see `locate` for `path`), restored into `shardings`
+    and checked against its fingerprints (`DamagedCheckpoint` if they differ or a value is not
+    finite). Leaves asked for in another dtype than saved are read one at a time in the saved
+    dtype, checked, then cast on the devices, so the whole tree never exists twice."""
     root, step = locate(path)
-    with manager(root, read_only=True) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            **{PARAMS: ocp.args.StandardRestore(target_tree(abstract_params, shardings))}))
-    return restored[PARAMS]
+    recorded = read_fingerprints(root / str(step)).get(PARAMS, {})
+    names = [fp.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+    recast = [n for n, a in zip(names, jax.tree.leaves(abstract_params))
+              if n in recorded and recorded[n].split(":")[0] != str(a.dtype)]
+    if not recast:
+        return _restore_part(root, step, abstract_params, shardings, recorded, partial=False)
+    same = _select(abstract_params, lambda n: n not in recast)
+    params = _restore_part(root, step, same, _like(shardings, same), recorded) if same else {}
+    for name in recast:  # one leaf at a time: its saved dtype, checked, then cast
+        key = tuple(name.split("/"))
+        leaf = _get(abstract_params, key)
+        saved = jax.ShapeDtypeStruct(leaf.shape, recorded[name].split(":")[0])
+        sharding = _get(shardings, key)
+        value = _get(_restore_part(root, step, _nest(key, saved), _nest(key, sharding), recorded), key)
+        _put(params, key, jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sharding, donate_argnums=0)(value))
+    return params
 
 
 def restore_params_part(path, abstract_part, shardings) -> dict:
     """Some leaves of a checkpoint's `params` (`abstract_part`: a subtree of its nested dict),
-    restored into `shardings`; the rest is not read (a base read one tensor at a time)."""
+    restored into `shardings` and checked like `restore_params`; the rest is not read (a base
+    read one tensor at a time)."""
+    return restore_params(path, abstract_part, shardings)
+
+
+def _restore_part(root, step: int, abstract, shardings, recorded: dict, partial: bool = True) -> dict:
+    target = target_tree(abstract, shardings)
+    if partial:
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+    else:
+        args = ocp.args.StandardRestore(target)
+    try:
+        with manager(root, read_only=True) as mngr:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: args}))[PARAMS]
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001  unreadable array data is damage, named with its step
+        raise DamagedCheckpoint(f"{root / str(step)} does not restore ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from e
+    problem = check_arrays({PARAMS: restored}, {PARAMS: recorded} if recorded else {})
+    if problem:
+        raise DamagedCheckpoint(f"{root / str(step)}: {problem}")
+    return restored
+
+
+def _select(tree: dict, keep, prefix: str = "") -> dict:  # the nested dict of the leaves whose name `keep`s
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        sub = _select(v, keep, name + "/") if isinstance(v, dict) else v if keep(name) else None
+        if sub is not None and sub != {}:
+            out[k] = sub
+    return out
+
+
+def _like(tree: dict, shape: dict) -> dict:  # `tree`'s leaves at the paths of `shape`
+    return {k: _like(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in shape.items()}
+
+
+def _get(tree, key: tuple):
+    for k in key:
+        tree = tree[k]
+    return tree
+
+
+def _put(tree: dict, key: tuple, value) -> None:
+    for k in key[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[key[-1]] = value
+
+
+def _nest(key: tuple, value) -> dict:
+    return {key[0]: _nest(key[1:], value)} if len(key) > 1 else {key[0]: value}
+
+
+def with_dtypes(tree) -> dict[str, str]:
+    """The fingerprints of `tree`'s arrays as recorded: {leaf name: "dtype:16 hex digits"}."""
+    dtypes = {fp.leaf_name(p): str(x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {name: f"{dtypes[name]}:{value}" for name, value in fp.fingerprints(tree).items()}
+
+
+def check_arrays(items: dict, recorded: dict) -> str | None:
+    """What is wrong with restored items ({name: tree}), or None: a fingerprint that differs
+    from `recorded` ({name: {leaf: "dtype:hex"}}; items without a record are not compared: a
+    checkpoint written before fingerprints existed), or a value that is not finite."""
+    for item, tree in items.items():
+        if item in recorded:
+            bad = fp.mismatches(recorded[item], with_dtypes(tree))
+            if bad:
+                return f"the {item} array(s) {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} differ from " \
+                       "their fingerprints (the files changed after saving: a bad disk or copy)"
+        if not all_finite(tree):
+            return f"its {item} hold non-finite values (NaN or inf)"
+    return None
+
+
+def read_fingerprints(step_dir) -> dict:
+    """The `fingerprints` item of a step folder ({} for a checkpoint saved without them)."""
+    step_dir = as_path(step_dir)
+    if not (step_dir / FINGERPRINTS).exists():
+        return {}
+    with manager(step_dir.parent, read_only=True) as mngr:
+        return mngr.restore(int(step_dir.name), args=ocp.args.Composite(
+            **{FINGERPRINTS: ocp.args.JsonRestore()}))[FINGERPRINTS]
+
+
+def params_fingerprint(path) -> str | None:
+    """One digest of a checkpoint's recorded params fingerprints (see `locate` for `path`): what a
+    LoRA checkpoint records of its base, so a base replaced by other weights is noticed. None
+    for a checkpoint saved without fingerprints."""
+    import hashlib
+    import json
+
     root, step = locate(path)
-    target = target_tree(abstract_part, shardings)
-    with manager(root, read_only=True) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
-    return restored[PARAMS]
+    recorded = read_fingerprints(root / str(step)).get(PARAMS)
+    return None if not recorded else hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def read_meta_json(path) -> dict:
@@ -101,14 +243,16 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, 
         OPT_STATE: ocp.args.StandardSave(opt_state),
         DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
         META: ocp.args.JsonSave(meta),
+        FINGERPRINTS: ocp.args.JsonSave({PARAMS: with_dtypes(params), OPT_STATE: with_dtypes(opt_state)}),
     }))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_target, data_iter,
                         warn) -> tuple[int, Any, Any, dict] | None:
-    """(step, params, opt_state, meta JSON) of the newest checkpoint that restores and holds finite
-    parameters, read into the targets' shardings (see `target_tree`); `data_iter` is set to
-    that step's position. None when there is none.
+    """(step, params, opt_state, meta JSON) of the newest checkpoint that restores, matches its
+    fingerprints and holds finite parameters and optimizer state, read into the targets'
+    shardings (see `target_tree`); `data_iter` is set to that step's position. None when
+    there is none.
 
     A checkpoint that fails is never deleted: it is moved to `damaged/STEP` beside the
     checkpoints (so no later save collides with it), `warn` names it, and the previous
@@ -117,13 +261,14 @@ def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_ta
 
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
+            recorded = read_fingerprints(epath.Path(mngr.directory) / str(step))
             restored = mngr.restore(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardRestore(params_target),
                 OPT_STATE: ocp.args.StandardRestore(opt_state_target),
                 DATA_ITER: grain.checkpoint.CheckpointRestore(data_iter),  # restores in place
                 META: ocp.args.JsonRestore(),
             }))
-            problem = None if all_finite(restored[PARAMS]) else "its parameters are not all finite"
+            problem = check_arrays({k: restored[k] for k in (PARAMS, OPT_STATE)}, recorded)
         except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
             problem = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         if problem is None:
@@ -161,8 +306,9 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
 def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
     """Write a params-only checkpoint (the converter's output) and wait until it is complete."""
     with manager(directory, async_save=False) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
-                                                   META: ocp.args.JsonSave(meta)}))
+        mngr.save(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta),
+            FINGERPRINTS: ocp.args.JsonSave({PARAMS: with_dtypes(params)})}))
         mngr.wait_until_finished()
     return as_path(directory) / str(step)
 
@@ -220,12 +366,12 @@ def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overw
     init_ns = time.time_ns()
     context = ts.Context({"file_io_concurrency": {"limit": 128},
                           "cache_pool#ocdbt": {"total_bytes_limit": node_cache_bytes}})
-    tree_metadata = {}
+    tree_metadata, recorded = {}, {}
     try:
         for path, spec, slices in leaves:
             name = ".".join(path)
             shape, dtype = tuple(spec.shape), np.dtype(spec.dtype)
-            array, written = None, set()
+            array, written, fingerprint = None, set(), fp.HostFingerprint()
             for index, value in slices:
                 if index is not None and not (isinstance(index, int) and 0 <= index < shape[0]):
                     raise ValueError(f"{name}: slice index {index!r}; expected None or a layer in [0, {shape[0]})")
@@ -240,12 +386,15 @@ def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overw
                     raise ValueError(f"{name}[{index}]: got shape {np.shape(value)}, expected {tuple(target.shape)}")
                 if index in written or (written and (index is None) != (None in written)):
                     raise ValueError(f"{name}[{index}] written twice")
-                target.write(np.asarray(value, dtype)).result()
+                value = np.asarray(value, dtype)
+                target.write(value).result()
+                fingerprint.add(value, 0 if index is None else index * value.size)
                 written.add(index)
                 del value, target
             want = {None} if None in written else set(range(shape[0]))
             if written != want:
                 raise ValueError(f"{name}: never written: layer(s) {sorted(want - written)[:5] or 'all'}")
+            recorded[fp.leaf_name(path)] = f"{dtype}:{fingerprint.hex()}"
             del array
             tree_metadata[str(tuple(path))] = {
                 "key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2: a dict key
@@ -254,11 +403,13 @@ def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overw
             "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": True,
             "store_array_data_equal_to_fill_value": ts_utils.STORE_ARRAY_DATA_EQUAL_TO_FILL_VALUE,
             "custom_metadata": None}))
-        (step_dir / META).mkdir()
-        ocp.JsonCheckpointHandler().save(step_dir / META, args=ocp.args.JsonSave(meta))
+        for item, record in ((META, meta), (FINGERPRINTS, {PARAMS: recorded})):
+            (step_dir / item).mkdir()
+            ocp.JsonCheckpointHandler().save(step_dir / item, args=ocp.args.JsonSave(record))
+        json_handler = "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"
         (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps({
             "item_handlers": {
-                META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
+                META: json_handler, FINGERPRINTS: json_handler,
                 PARAMS: "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"},
             "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": init_ns,
             "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))

@@ -18,11 +18,12 @@ a checkpoint back into (config, params, tokenizer, meta).
 import base64
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from lima_jax import checkpoint
-from lima_jax.errors import ConfigError, ConversionError
+from lima_jax.errors import ConfigError, ConversionError, DamagedCheckpoint, LoraBaseChanged
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.lora import TARGETS, LoraConfig, get_path, set_path, target_path
 
@@ -233,13 +234,38 @@ def training_tokenizer(config):
 # ---- the LoRA base: rebuilt as training held it ----
 
 def lora_record(config) -> LoraRecord | None:
-    """What a LoRA run's checkpoints record besides the adapters (None: full fine-tuning)."""
+    """What a LoRA run's checkpoints record besides the adapters (None: full fine-tuning): their
+    settings, and their base with the fingerprint of its parameters as they are now."""
     from lima_jax.config import lora_config
 
     settings = lora_config(config)
     if settings is None:
         return None
-    return LoraRecord(settings, config.init_checkpoint, config.seed)
+    base = config.init_checkpoint
+    return LoraRecord(settings, base, config.seed, checkpoint.params_fingerprint(base) if base else None)
+
+
+def check_base(trained_on: LoraRecord, now: str | None, where) -> None:
+    """LoraBaseChanged unless the base checkpoint's parameter fingerprint is still `now` the one
+    the adapters of `where` were trained on (not compared where either is unknown: a checkpoint
+    saved before fingerprints existed)."""
+    then = trained_on.base_fingerprint
+    if trained_on.base_checkpoint and then and now and then != now:
+        raise LoraBaseChanged(f"{where} holds LoRA adapters trained on the base {trained_on.base_checkpoint} (params "
+                              f"fingerprint {then}), but {trained_on.base_checkpoint} now holds other weights "
+                              f"(fingerprint {now})")
+
+
+def check_resumed_base(step_dir, current: LoraRecord) -> None:
+    """A LoRA resume: the base named by the config, if it is the one the checkpoint at `step_dir`
+    names, must still hold the weights its adapters were trained on. A step whose meta does not
+    read is left to the restore's fallback."""
+    try:
+        saved = read_meta(step_dir).lora
+    except Exception:  # noqa: BLE001  a damaged step: the restore sets it aside
+        return
+    if saved is not None and saved.base_checkpoint == current.base_checkpoint:
+        check_base(saved, current.base_fingerprint, step_dir)
 
 
 def frozen_base(record: LoraRecord, cfg: ModelConfig, mesh, shardings=None, say: Callable[[str], None] = log.info):
@@ -407,27 +433,37 @@ def effective_config(meta: CheckpointMeta, config=None):
 
 
 def load_model(path, mesh=None, *, config=None, tokenizer_path: str | None = None, merge_lora: bool = True,
-               mesh_overrides: dict | None = None, warn: Callable[[str], None] = log.warning) -> LoadedModel:
+               mesh_overrides: dict | None = None, warn: Callable[[str], None] | None = None) -> LoadedModel:
     """A checkpoint (a training work dir, a checkpoint root: its latest step, or one step folder)
     as a model on `mesh` (default: `config.mesh`, with `mesh_overrides`). `config` defaults to
     the one saved in the checkpoint (`effective_config`); the model config comes from it, with no
     rematerialisation (a loaded model is not differentiated). The tokenizer: `choose_tokenizer`.
     A LoRA checkpoint's base is rebuilt as training held it (`frozen_base`) and its adapters are
-    merged in (W + a b * alpha / rank, in the model's param_dtype) unless not `merge_lora`."""
+    merged in (W + a b * alpha / rank, in the model's param_dtype) unless not `merge_lora`; a
+    base that no longer holds the weights the adapters were trained on is refused (`check_base`).
+
+    A damaged step (`checkpoint.newest_good`: fingerprints, non-finite values, unreadable) is
+    passed over for the one before with a `warn`ing naming it, unless `path` names that step."""
+    warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+    return checkpoint.newest_good(path, lambda step_dir: _load_step(step_dir, mesh, config, tokenizer_path, merge_lora,
+                                                                     mesh_overrides), warn)
+
+
+def _load_step(step_dir, mesh, config, tokenizer_path, merge_lora: bool, mesh_overrides) -> LoadedModel:
+    """`load_model` of one step folder; its own damage raises DamagedCheckpoint (the caller falls
+    back), a LoRA base's raises LoraBaseChanged (an older step would not help)."""
     import jax
 
     from lima_jax.config import model_config
     from lima_jax.model import abstract_params, lora as lora_lib, param_logical_axes
     from lima_jax.sharding import make_mesh, named_shardings
 
-    root, step = checkpoint.locate(path)
-    step_dir = root / str(step)
     meta = read_meta(step_dir)
-    config = effective_config(meta, config)
+    config = effective_config(meta, None if config is None else config.copy_and_resolve_references())
     if mesh_overrides:
         config.mesh.update(mesh_overrides)
     cfg = dataclasses.replace(model_config(config), remat_policy="none")
-    tokenizer, _ = choose_tokenizer(dataclasses.replace(meta, model=cfg), path, config=config,
+    tokenizer, _ = choose_tokenizer(dataclasses.replace(meta, model=cfg), step_dir, config=config,
                                     tokenizer_path=tokenizer_path)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     shardings = named_shardings(param_logical_axes(cfg), mesh)
@@ -438,10 +474,15 @@ def load_model(path, mesh=None, *, config=None, tokenizer_path: str | None = Non
         lora = meta.lora.settings
         adapters = checkpoint.restore_params(step_dir, lora_lib.abstract_adapters(cfg, lora),
                                              lora_lib.adapter_shardings(cfg, lora, mesh))
-        params = frozen_base(meta.lora, cfg, mesh)
+        if meta.lora.base_checkpoint:
+            check_base(meta.lora, checkpoint.params_fingerprint(meta.lora.base_checkpoint), step_dir)
+        try:
+            params = frozen_base(meta.lora, cfg, mesh)
+        except DamagedCheckpoint as e:
+            raise LoraBaseChanged(f"{step_dir} holds LoRA adapters whose base is damaged: {e}") from e
         if merge_lora:
             merge = jax.jit(lambda base, a: lora_lib.merged(base, a, lora, cfg.weight_dtype), out_shardings=shardings,
                             donate_argnums=0)
             params, adapters = merge(params, adapters), None
-    return LoadedModel(config, cfg, params, adapters, tokenizer, meta, step, step_dir, mesh,
+    return LoadedModel(config, cfg, params, adapters, tokenizer, meta, int(step_dir.name), step_dir, mesh,
                        eot_id(meta, tokenizer.num_pieces))

@@ -55,6 +55,8 @@ def test_streamed_checkpoint_has_orbaxs_metadata_and_restores_with_plain_orbax(t
     assert items_ours.pop("use_zarr3") is True and items_theirs.pop("use_zarr3") is False  # ours: zarr3 chunks
     assert items_ours == items_theirs
     assert read_json(ours / "meta" / "metadata") == read_json(theirs / "meta" / "metadata")
+    # fingerprints taken on the host slice by slice equal those Orbax's writer took on the device
+    assert read_json(ours / "fingerprints" / "metadata") == read_json(theirs / "fingerprints" / "metadata")
     assert {p.name for p in ours.iterdir()} == {p.name for p in theirs.iterdir()}
 
     # plain Orbax, no lima_jax code: the step's metadata and a StandardRestore of both items

@@ -130,7 +130,7 @@ from tests.tiny_run import tiny_config
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
-config = tiny_config()
+config = tiny_config(epochs=int(sys.argv[5]))
 config.data.train_path = sys.argv[3]
 try:
     loop.prepare(config, sys.argv[4])
@@ -139,17 +139,23 @@ except ValueError as e:
 '''
 
 
-def test_processes_reading_different_data_are_refused(tmp_path):
+@pytest.mark.parametrize("differ", ["data", "epochs"])
+def test_processes_running_different_jobs_are_refused(tmp_path, differ):
+    """Two processes of one run that read different data, or were given different epochs, stop
+    before compiling with the keys that differ (they hung, or aborted in gloo, before)."""
     other = tmp_path / "other.jsonl"
     other.write_text("".join(pathlib.Path(demo.DEMO_TRAIN).read_text().splitlines(keepends=True)[:150]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(i), path, str(tmp_path / "w")],
+    args = [(demo.DEMO_TRAIN, "15"), (str(other), "15") if differ == "data" else (demo.DEMO_TRAIN, "10")]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, port, str(i), path, str(tmp_path / "w"), epochs],
                               env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=pathlib.Path(__file__).parents[1])
-             for i, path in enumerate((demo.DEMO_TRAIN, str(other)))]
+             for i, (path, epochs) in enumerate(args)]
     LAUNCHED.extend(procs)  # killed after the test should a communicate() time out
     outs = [p.communicate(timeout=300)[0] for p in procs]
+    expected = "process 1: config.data.train_path, run.data.dev, run.data.train" if differ == "data" else \
+        "process 1: config.train.epochs, run.train.epochs"
     for out in outs:
-        assert "REFUSED process(es) [1] read different data than process 0" in out, out[-2000:]
+        assert "REFUSED processes run different jobs" in out and expected in out, out[-2000:]

@@ -93,7 +93,7 @@ def prepare(config, workdir) -> Run:
                           f"pieces + EOT = {data.tokenizer.vocab_size} ids, but config.model.vocab_size="
                           f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
     identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
-    check_same_data_on_all_processes(identity["data.train"] + identity["data.dev"])
+    check_same_run_on_all_processes(config, identity)
     plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
     layout = batch_layout_for(config, model_cfg, plan.rows_needed, jax.devices())
     plan = dataclasses.replace(plan, rows_per_step=layout.rows)
@@ -113,18 +113,34 @@ def prepare(config, workdir) -> Run:
     return run
 
 
-def check_same_data_on_all_processes(digest: str) -> None:
-    """Every process packs the whole batch itself, so all must read the same examples."""
+def check_same_run_on_all_processes(config, identity: dict) -> None:
+    """Every process must run the same job: the same config (mesh and speed settings included:
+    a process compiling another program hangs the collectives) and the same examples (each packs
+    the whole batch itself). Compared before anything compiles; the message lists what differs."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))
-    differ = [p for p in range(len(everyone)) if not np.array_equal(everyone[p], everyone[0])]
+    mine = json.dumps({"config": json.loads(config.to_json_best_effort()), "run": identity}, sort_keys=True).encode()
+    width = int(np.max(multihost_utils.process_allgather(np.int32(len(mine)))))
+    padded = np.frombuffer(mine.ljust(width, b"\0"), np.uint8)  # allgather needs one shape everywhere
+    records = [json.loads(bytes(r).rstrip(b"\0")) for r in np.asarray(multihost_utils.process_allgather(padded))]
+    reference = _flat(records[0])
+    differ = {p: sorted(k for k in set(reference) | set(flat) if reference.get(k) != flat.get(k))
+              for p, flat in enumerate(map(_flat, records)) if flat != reference}
     if differ:
-        raise ValueError(f"process(es) {differ} read different data than process 0 (config.data.train_path, "
-                         f"dev_path, tokenizer_path or sources differ, or the files do): give every process the same")
+        lines = [f"  process {p}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" for p, keys in differ.items()]
+        raise ConfigError("processes run different jobs; keys that differ from process 0:\n" + "\n".join(lines) +
+                          "\nGive every process the same command line and the same data files (run.data.* are the "
+                          "content digests of the examples read)", todo="")
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    """{"a.b": value} for a nested dict."""
+    out = {}
+    for k, v in record.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def check_resume(run: Run) -> None:
@@ -182,10 +198,13 @@ def restore_or_init(run: Run) -> TrainState:
 
 def load_base(run: Run) -> dict:
     """A LoRA run's frozen base on the state's shardings (model_store.frozen_base: the weights of
-    `config.init_checkpoint`, or the seed's random init, full fine-tuning's)."""
-    program = run.program
-    return model_store.frozen_base(model_store.lora_record(run.config), program.model_cfg, program.mesh,
-                                   program.state_shardings.base, say=log)
+    `config.init_checkpoint`, or the seed's random init, full fine-tuning's). On a resume it must
+    still hold the weights the saved adapters were trained on (model_store.check_resumed_base)."""
+    program, record = run.program, model_store.lora_record(run.config)
+    step = run.manager.latest_step()
+    if step is not None:
+        model_store.check_resumed_base(run.manager.directory / str(step), record)
+    return model_store.frozen_base(record, program.model_cfg, program.mesh, program.state_shardings.base, say=log)
 
 
 def log_plan(run: Run) -> None:
