@@ -1,17 +1,22 @@
-"""The model store: the typed meta record (and checkpoints written before it was typed), and
-load_model's LoRA checkpoint against an independent merge (numpy: W + a b * alpha / rank)."""
+"""The model store: the typed meta record (and checkpoints written before it was typed);
+load_model's LoRA checkpoint against an independent merge (numpy: W + a b * alpha / rank), its
+fallback past a damaged step, and its refusal of a LoRA base replaced by other weights."""
 
 import base64
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from lima_jax import checkpoint, model_store
 from lima_jax.data import demo
 from lima_jax.data.tokenizer import load_tokenizer
+from lima_jax.errors import DamagedCheckpoint, LoraBaseChanged
 from lima_jax.model import init_params, lora as lora_lib
 from lima_jax.model.config import ModelConfig
+from tests.checkpoint_faults import flip_bit, stored_arrays
 
 TOKENIZER = load_tokenizer("")  # the demo tokenizer
 CFG = ModelConfig(vocab_size=TOKENIZER.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -58,7 +63,7 @@ def test_load_model_merges_a_lora_checkpoint_as_numpy_does(tmp_path):
     loaded = model_store.load_model(tmp_path / "lora")
     assert loaded.step == 5 and loaded.adapters is None and loaded.eot_id == TOKENIZER.eot_id
     assert loaded.tokenizer.num_pieces == TOKENIZER.num_pieces
-    expected = jax.tree.map(np.asarray, base)
+    expected = jax.tree.map(np.array, base)  # writable copies
     for name in LORA.targets:  # W + a b * alpha / rank, one layer at a time
         path, lead, _ = lora_lib.target_path(name)
         a, b = (lora_lib.get_path(adapters, path)[k] for k in ("a", "b"))
@@ -76,3 +81,38 @@ def test_load_model_merges_a_lora_checkpoint_as_numpy_does(tmp_path):
     apart = model_store.load_model(tmp_path / "lora", merge_lora=False)  # the base as trained, adapters beside it
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(apart.params), jax.tree.map(np.asarray, base))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(apart.adapters), adapters)
+
+
+def test_load_model_steps_back_past_a_damaged_step_and_refuses_it_by_name(tmp_path):
+    params = jax.device_get(init_params(CFG, jax.random.key(2)))
+    meta = model_store.CheckpointMeta(model=CFG, eot_id=TOKENIZER.eot_id,
+                                      tokenizer=model_store.TokenizerRecord.sentencepiece(proto()))
+    model_store.save_params(tmp_path / "ckpt", params, meta, step=3)
+    shutil.copytree(tmp_path / "ckpt" / "3", tmp_path / "ckpt" / "7")  # a later step, then a bit flips
+    flip_bit(tmp_path / "ckpt" / "7" / "params", stored_arrays(tmp_path / "ckpt" / "7" / "params")[0])
+    warnings = []
+    loaded = model_store.load_model(tmp_path / "ckpt", warn=warnings.append)
+    assert loaded.step == 3 and len(warnings) == 1 and "step 7 is damaged" in warnings[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), params)
+    with pytest.raises(DamagedCheckpoint, match="named explicitly"):
+        model_store.load_model(tmp_path / "ckpt" / "7")
+
+
+def test_a_lora_checkpoint_refuses_a_replaced_base(tmp_path):
+    base = tmp_path / "base"
+    model_store.save_params(base, jax.device_get(init_params(CFG, jax.random.key(1))), model_store.CheckpointMeta(model=CFG))
+    record = model_store.LoraRecord(LORA, str(base), 0, checkpoint.params_fingerprint(base))
+    adapters = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), lora_lib.abstract_adapters(CFG, LORA))
+    meta = model_store.CheckpointMeta(model=CFG, eot_id=TOKENIZER.eot_id,
+                                      tokenizer=model_store.TokenizerRecord.sentencepiece(proto()), lora=record)
+    model_store.save_params(tmp_path / "lora", adapters, meta)
+    assert model_store.load_model(tmp_path / "lora").step == 0
+    shutil.rmtree(base)  # other weights copied over the base
+    model_store.save_params(base, jax.device_get(init_params(CFG, jax.random.key(9))), model_store.CheckpointMeta(model=CFG))
+    with pytest.raises(LoraBaseChanged, match=f"{tmp_path / 'lora'}.* trained on the base {base} .*now holds other"):
+        model_store.load_model(tmp_path / "lora")
+    # a LoRA resume compares the same way (the base named by the config, as it is now)
+    now = dataclasses.replace(record, base_fingerprint=checkpoint.params_fingerprint(base))
+    with pytest.raises(LoraBaseChanged):
+        model_store.check_resumed_base(tmp_path / "lora" / "0", now)
+    model_store.check_resumed_base(tmp_path / "lora" / "0", dataclasses.replace(now, base_checkpoint="/elsewhere"))
