@@ -1,7 +1,7 @@
 """The tokenizer that travels with the weights: found at conversion, written at export.
 
 Conversion stores the SentencePiece model proto (`tokenizer.model`) in the checkpoint's
-`CheckpointMeta.tokenizer`, after checking that its piece count is the model's vocabulary.
+`model_store.CheckpointMeta.tokenizer`, after checking that its piece count is the model's vocabulary.
 
 Export writes what `transformers.AutoTokenizer` loads as a chat model:
 - `tokenizer.model` (the proto, unchanged) and `tokenizer_config.json` naming LlamaTokenizer
