@@ -7,6 +7,7 @@ anything is compiled, so a config that cannot work fails with a message naming t
 
 import ml_collections
 
+from lima_jax.data.pipeline import data_sources
 from lima_jax.errors import ConfigError
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.lora import LoraConfig
@@ -41,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
         seq_len=2048,
         examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models; exact on every mesh
         rows_per_step=-1,  # packed [rows, seq_len] rows a step; -1 = the most any step needs (the plan)
+        format="auto",  # the record format: auto (detected from the first record), lima, openai, sharegpt, alpaca
+        # Several train sources sampled by weight, replacing train_path: ((path, weight[, format]), ...),
+        # e.g. --config.data.mixture="(('lima.jsonl', 3.0), ('mine.jsonl', 1.0))"; see data/pipeline.py.
+        mixture=(),
     ))
 
     # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
@@ -124,6 +129,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
         if not c[section][name] >= 0:
             raise ConfigError(f"config.{key}={c[section][name]!r}: must be >= 0")
     lora_config(c)  # raises ConfigError naming the config.lora key
+    data_sources(c.data)  # raises ConfigError naming config.data.format or config.data.mixture
     unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]
     if unknown:
         raise ConfigError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "

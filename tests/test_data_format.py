@@ -45,7 +45,7 @@ def test_multi_turn_layout(tok):
 def test_trimming_counted(tok, tmp_path):
     long = " ".join(["apple river garden"] * 20)
     path = write(tmp_path, [{"conversations": ["Hi?", long]}, {"conversations": ["Hi?", "Yes."]}])
-    examples, stats = load_examples(path, tok, seq_len=16)
+    examples, stats, _ = load_examples(path, tok, seq_len=16)
     assert stats.trimmed == 1 and stats.examples == 2
     assert len(examples[0]["ids"]) == 17  # seq_len + 1: inputs and targets are seq_len long
     assert examples[0]["ids"][-1] != tok.eot_id
@@ -54,14 +54,15 @@ def test_trimming_counted(tok, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("this is not json", "not valid JSON"),
-    ([1, 2], "with a 'conversations' field"),
-    ({"source": "x"}, "with a 'conversations' field"),
-    ({"conversations": "Hi?"}, "non-empty list"),
-    ({"conversations": []}, "non-empty list"),
-    ({"conversations": ["Hi?", 5]}, "turn 1 is a int"),
-    ({"conversations": ["Hi?", None]}, "turn 1 is a NoneType"),
-    ({"conversations": ["Hi?", "  \n"]}, "turn 1 is empty"),
-    ({"conversations": ["", "Yes."]}, "turn 0 is empty"),
+    ([1, 2], "a list, not an object with a 'conversations' field (lima format)"),
+    ({"source": "x"}, "no 'conversations' field (lima format)"),
+    ({"conversations": "Hi?"}, "'conversations' must be a non-empty list"),
+    ({"conversations": []}, "'conversations' must be a non-empty list"),
+    ({"conversations": ["Hi?", 5]}, "conversations[1] is a int, not a string"),
+    ({"conversations": ["Hi?", None]}, "conversations[1] is a NoneType, not a string"),
+    ({"conversations": ["Hi?", "  \n"]}, "conversations[1] is empty"),
+    ({"conversations": ["", "Yes."]}, "conversations[0] is empty"),
+    ({"conversations": ["Hi?", "Yes."], "source": 3}, "'source' is a int, not a string"),
 ])
 def test_malformed_line_is_an_error_naming_file_and_line(tok, tmp_path, line, message):
     # a blank line before the bad one: the reported number is the line in the file
@@ -78,7 +79,7 @@ def test_unanswered_turns_are_counted_skips(tok, tmp_path):
         {"conversations": ["Hi?", "Yes."]},
         {"conversations": [" ".join(["apple"] * 40), "Too late."]},  # prompt fills seq_len
     ])
-    examples, stats = load_examples(path, tok, seq_len=16)
+    examples, stats, _ = load_examples(path, tok, seq_len=16)
     assert (stats.lines, stats.examples, stats.dropped_final_turns, stats.skipped_no_response,
             stats.skipped_no_target) == (4, 2, 2, 1, 1)
     assert [e["line"] for e in examples] == [1, 3]
@@ -105,7 +106,7 @@ def test_lines_split_on_newline_only(tmp_path, tok):
     path = tmp_path / "sep.jsonl"
     path.write_text(json.dumps({"conversations": ["q?", answer]}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert "\u2028" in path.read_text(encoding="utf-8")
-    examples, stats = load_examples(str(path), tok, 256)
+    examples, stats, _ = load_examples(str(path), tok, 256)
     assert stats.lines == 1 and examples[0]["turns"] == ["q?", answer]
 
 
@@ -113,9 +114,9 @@ def test_sources_keep_only_the_listed(tmp_path, tok):
     path = write(tmp_path, [{"conversations": ["q1", "a1"], "source": "stackexchange"},
                             {"conversations": ["q2", "a2", "q3", "a3"], "source": "multi_turn"},
                             {"conversations": ["q4", "a4"]}])
-    both, _ = load_examples(path, tok, 64)
+    both, _, _ = load_examples(path, tok, 64)
     assert [e["source"] for e in both] == ["stackexchange", "multi_turn", ""]
-    single, stats = load_examples(path, tok, 64, sources=("stackexchange", ""))
+    single, stats, _ = load_examples(path, tok, 64, sources=("stackexchange", ""))
     assert [e["line"] for e in single] == [1, 3] and stats.skipped_source == 1
-    with pytest.raises(DataError, match=r"no line has a source in config\.data\.sources=\['wikihow'\]"):
+    with pytest.raises(DataError, match=r"no record has a source in config\.data\.sources=\['wikihow'\]"):
         load_examples(path, tok, 64, sources=("wikihow",))

@@ -67,8 +67,9 @@ def test_split_and_batch_contract(data, plan):
     seen = collections.Counter()
     real = 0
     for b in all_batches:
-        assert set(b) == {"tokens", "targets", "positions", "segment_ids", "loss_weights", "examples"}
-        assert all(v.shape == (plan.rows_per_step, SEQ) for k, v in b.items() if k != "examples")
+        assert set(b) == {"tokens", "targets", "positions", "segment_ids", "loss_weights", "examples", "by_source"}
+        assert b["by_source"].tolist() == [int(b["examples"])]
+        assert all(v.shape == (plan.rows_per_step, SEQ) for k, v in b.items() if k in P.FEATURES)
         assert int(b["examples"]) == sum(len(np.unique(row[row > 0])) for row in b["segment_ids"])
         assert not b["segment_ids"][-1].any()  # the spare row is padding
         assert b["loss_weights"].dtype == np.float32 and np.isfinite(b["loss_weights"]).all()

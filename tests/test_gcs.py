@@ -216,3 +216,20 @@ def test_convert_and_export_between_buckets(server, tmp_path):
     for name, weight in exported.state_dict().items():
         torch.testing.assert_close(weight, original[name], rtol=0, atol=0)
     assert not list(tmp_path.glob("gs:*")) and not os.path.exists("gs:")  # nothing written locally by mistake
+
+
+def test_data_folders_in_a_bucket(server, tmp_path):
+    """A folder of Parquet shards and a `save_to_disk` folder read from gs:// as from local disk."""
+    from lima_jax.data import readers
+    from tests import reader_fixtures as F
+
+    conversations = F.demo_conversations()[:6]
+    folders = {"shards": F.write_parquet_shards(tmp_path / "shards", [F.openai_record(c) for c in conversations], 2),
+               "saved": F.write_saved_dataset(tmp_path / "saved", [F.sharegpt_record(c) for c in conversations])}
+    for name, local in folders.items():
+        fs(server).pipe({f"{BUCKET}/data/{name}/{f}": open(os.path.join(local, f), "rb").read()
+                         for f in os.listdir(local)})
+        read = readers.read_conversations(f"gs://{BUCKET}/data/{name}")
+        assert [c.turns for c in read] == [tuple(c["turns"]) for c in conversations]
+        assert read[0].where == (f"gs://{BUCKET}/data/shards/part-00000.parquet:row 0" if name == "shards"
+                                 else f"gs://{BUCKET}/data/saved:row 0")

@@ -17,6 +17,13 @@ epoch), the grouping and the checkpointable iterator; packing a group is a few l
 Multi-host. Every process builds the whole (cheap: 1,000 examples) batch and `global_batch`
 hands each device its part, whichever way the rows and tokens lie over the devices.
 
+Mixtures (`config.data.mixture`, e.g. `(("data/lima.jsonl", 3.0), ("mine.jsonl", 1.0))`, each
+entry `(path, weight)` or `(path, weight, format)`): an epoch of a mixture is as long as it takes to
+see the FIRST source once, `len(first) / its share` examples; every source is reshuffled each time
+it is used up (so a small source repeats within an epoch, a large one spreads over several), and
+Grain's `mix` interleaves the sources by weight, so every step, and the run, holds them in their
+shares. All of it comes from the seed (`derive_seed(seed, "mixture")`), never from the mesh.
+
 Trainer entry points: load_data -> make_plan (steps, rows the packing needs) -> train_iterator
 (checkpoint it with grain.checkpoint) / dev_batches / dev_prompts -> global_batch.
 """
@@ -32,7 +39,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from lima_jax.data.format import Stats, load_examples
+from lima_jax.data.readers import FORMATS
 from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
+from lima_jax.errors import ConfigError
 from lima_jax.sharding import logical_to_spec
 
 FEATURES = ("tokens", "targets", "loss_weights", "positions", "segment_ids")
@@ -45,27 +54,83 @@ def derive_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One input of the training data: the whole train_path, or one entry of data.mixture."""
+    path: str
+    weight: float = 1.0
+    format: str = "auto"
+
+
+def data_sources(data_cfg) -> list[Source]:
+    """`train_path`, or the entries of `mixture`, checked; raises ConfigError naming the key."""
+    fmt = data_cfg.get("format", "auto")
+    if fmt not in ("auto", *FORMATS):
+        raise ConfigError(f"config.data.format={fmt!r}: one of {['auto', *FORMATS]}")
+    mixture = data_cfg.get("mixture", ())
+    if not mixture:
+        return [Source(data_cfg.train_path, 1.0, fmt)]
+    usage = "a tuple of (path, weight) or (path, weight, format) entries, e.g. (('lima.jsonl', 3.0), ('mine.jsonl', 1.0))"
+    out = []
+    for i, entry in enumerate(mixture):
+        key = f"config.data.mixture[{i}]={entry!r}"
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise ConfigError(f"{key}: {usage}")
+        path, weight, own = (*entry, fmt)[:3]
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{key}: the path must be a non-empty string ({usage})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{key}: the weight must be a positive number")
+        if own not in ("auto", *FORMATS):
+            raise ConfigError(f"{key}: the format must be one of {['auto', *FORMATS]}")
+        out.append(Source(path, float(weight), own))
+    paths = [src.path for src in out]
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"config.data.mixture={mixture!r} names a path twice: give each source once, with its weight")
+    if data_cfg.train_path and data_cfg.train_path not in paths:
+        raise ConfigError(f"config.data.train_path={data_cfg.train_path!r} is not in config.data.mixture: the mixture is "
+                          f"the training data; set --config.data.train_path='' (or list it in the mixture)")
+    return out
+
+
 @dataclasses.dataclass
 class LimaData:
     tokenizer: Tokenizer
-    train: list[dict]  # each: ids, weights, line, turns, source (see format.load_examples)
+    train: list[dict]  # each: ids, weights, line, where, turns, system, source, origin (see format.load_examples)
     dev: list[dict]
     stats: Stats
     seed: int
     seq_len: int
     dev_source: str  # where the dev set came from, for the start log
+    inputs: tuple[Source, ...] = ()  # the train sources; an example's `origin` indexes them
+    formats: tuple[str, ...] = ()  # the record format each input was read as ("openai, detected")
+    mixed: bool = False  # the inputs are a data.mixture (sampled by weight) rather than one train_path
 
     def digest(self, which: str) -> str:
         """sha256 of the `train` or `dev` examples as trained (token ids and weights, in file
-        order): it changes with the file's content, the tokenizer, `sources` and `seq_len`."""
+        order): it changes with the files' content, the tokenizer, `sources`, `seq_len` and, for a
+        mixture, the sources' weights."""
         h = hashlib.sha256()
         for e in getattr(self, which):
             h.update(np.int64(len(e["ids"])).tobytes() + e["ids"].tobytes() + e["weights"].tobytes())
+        if which == "train" and self.mixed:
+            h.update(repr([(e["origin"], len(e["ids"])) for e in self.train]).encode())
+            h.update(repr([src.weight for src in self.inputs]).encode())
         return h.hexdigest()
 
     def sources(self) -> dict[str, int]:
-        """Train examples per `source` field."""
+        """Train examples per mixture source (a mixture) or per `source` field (one train_path)."""
+        if self.mixed:
+            return dict(collections.Counter(self.inputs[e["origin"]].path for e in self.train))
         return dict(collections.Counter(e["source"] or "(none)" for e in self.train))
+
+    def describe(self) -> str:
+        """The start log's account of the data: inputs and formats, examples by source, dev, counts."""
+        read = ", ".join(f"{src.path} ({fmt}{f', weight {src.weight:g}' if self.mixed else ''})"
+                         for src, fmt in zip(self.inputs, self.formats))
+        by_source = ", ".join(f"{k} {v}" for k, v in sorted(self.sources().items()))
+        return (f"{read}: {len(self.train)} train examples ({by_source}); dev: {self.dev_source} ({len(self.dev)}); "
+                f"{self.stats}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,35 +143,56 @@ class Plan:
     total_steps: int
     real_tokens: int  # non-padding input tokens over all steps
     rows_per_step: int = 0
+    examples: int = 0  # examples over the run (all epochs)
+    by_source: tuple[tuple[str, int], ...] = ()  # a mixture's examples over the run, by source
 
     @property
     def steps_per_epoch(self) -> float:
         return self.total_steps / self.epochs
 
     @property
+    def last_step_examples(self) -> int:
+        return self.examples - (self.total_steps - 1) * self.examples_per_step
+
+    @property
     def efficiency(self) -> float:
         """Real tokens / token slots of all steps' rows."""
         return self.real_tokens / (self.total_steps * max(self.rows_per_step, self.rows_needed) * self.seq_len)
 
+    def describe_sources(self) -> str:
+        """A mixture's examples over the run by source, with their shares ("" without a mixture)."""
+        return ", ".join(f"{name} {n} ({100 * n / self.examples:.1f}%)" for name, n in self.by_source)
+
 
 def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaData:
-    """Tokenise `train_path` (keeping `sources`) with `tokenizer`, else `tokenizer_path`'s; the
-    dev set is `dev_path`, or else `dev_size` train examples held out by the seed (0: none)."""
+    """Tokenise `train_path` or the `mixture`'s sources (keeping `sources`) with `tokenizer`, else
+    `tokenizer_path`'s; the dev set is `dev_path`, or else `dev_size` examples of the (first)
+    train source held out by the seed (0: none)."""
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer_path)
-    sources = tuple(data_cfg.sources)
-    examples, stats = load_examples(data_cfg.train_path, tokenizer, data_cfg.seq_len, sources)
+    sources, inputs = tuple(data_cfg.sources), data_sources(data_cfg)
+    per_input, stats, formats = [], Stats(), []
+    for origin, src in enumerate(inputs):
+        examples, counts, found = load_examples(src.path, tokenizer, data_cfg.seq_len, sources,
+                                                record_format=src.format, origin=origin)
+        per_input.append(examples)
+        stats += counts
+        formats.append(found)
+    first, others = per_input[0], [e for examples in per_input[1:] for e in examples]
+    found = dict(inputs=tuple(inputs), formats=tuple(formats), mixed=bool(data_cfg.get("mixture", ())))
     if data_cfg.dev_path:
-        dev, _ = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources)
-        return LimaData(tokenizer, examples, dev, stats, seed, data_cfg.seq_len, data_cfg.dev_path)
-    if not 0 <= data_cfg.dev_size < len(examples):
-        raise ValueError(f"config.data.dev_size={data_cfg.dev_size} must be in [0, {len(examples)}): "
-                         f"{data_cfg.train_path} has {len(examples)} trainable examples")
-    perm = np.random.default_rng(derive_seed(seed, "data/dev_split")).permutation(len(examples))
+        dev, _, dev_format = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources,
+                                           record_format=data_cfg.get("format", "auto"))
+        return LimaData(tokenizer, first + others, dev, stats, seed, data_cfg.seq_len,
+                        f"{data_cfg.dev_path} ({dev_format})", **found)
+    if not 0 <= data_cfg.dev_size < len(first):
+        raise ConfigError(f"config.data.dev_size={data_cfg.dev_size} must be in [0, {len(first)}): "
+                          f"{inputs[0].path} has {len(first)} trainable examples")
+    perm = np.random.default_rng(derive_seed(seed, "data/dev_split")).permutation(len(first))
     dev_ids = set(perm[:data_cfg.dev_size].tolist())
-    train = [e for i, e in enumerate(examples) if i not in dev_ids]
-    dev = [e for i, e in enumerate(examples) if i in dev_ids]
-    where = f"{len(dev)} held out of {data_cfg.train_path}" if dev else "none"
-    return LimaData(tokenizer, train, dev, stats, seed, data_cfg.seq_len, where)
+    train = [e for i, e in enumerate(first) if i not in dev_ids] + others
+    dev = [e for i, e in enumerate(first) if i in dev_ids]
+    where = f"{len(dev)} held out of {inputs[0].path}" if dev else "none"
+    return LimaData(tokenizer, train, dev, stats, seed, data_cfg.seq_len, where, **found)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -149,27 +235,50 @@ def pack_batch(examples: list[dict], rows: int, seq_len: int) -> dict:
     return out
 
 
-def _step_groups(items: list, seed: int, epochs: int, examples_per_step: int) -> grain.MapDataset:
-    """The shuffled epochs, one after the other, cut into groups of `examples_per_step`."""
-    return (grain.MapDataset.source(items).shuffle(seed=derive_seed(seed, "data/shuffle")).repeat(epochs)
-            .batch(examples_per_step, drop_remainder=False, batch_fn=list))
+def _examples(data: LimaData, epochs: int) -> grain.MapDataset:
+    """Every example the run trains on, in order: one train_path's shuffled epochs back to back,
+    or a mixture's sources interleaved by weight (see the module docstring)."""
+    if not data.mixed:
+        return grain.MapDataset.source(data.train).shuffle(seed=derive_seed(data.seed, "data/shuffle")).repeat(epochs)
+    parts = [[e for e in data.train if e["origin"] == i] for i in range(len(data.inputs))]
+    weights = [src.weight for src in data.inputs]
+    shares = [w / sum(weights) for w in weights]
+    total = round(len(parts[0]) / shares[0]) * epochs
+    seed = derive_seed(data.seed, "mixture")
+    streams = [grain.MapDataset.source(part).shuffle(seed=derive_seed(seed, f"source {i}"))
+               .repeat(-(-round(total * share) // len(part)) + 1)  # enough passes to cover its share of the run
+               for i, (part, share) in enumerate(zip(parts, shares))]
+    return grain.MapDataset.mix(streams, weights)[:total]
+
+
+def _step_groups(data: LimaData, epochs: int, examples_per_step: int) -> grain.MapDataset:
+    """The run's examples cut into groups of `examples_per_step` (the last may hold fewer)."""
+    return _examples(data, epochs).batch(examples_per_step, drop_remainder=False, batch_fn=list)
 
 
 def make_plan(data: LimaData, examples_per_step: int, epochs: int) -> Plan:
-    """Step count and the rows the packing needs, by a dry run of the grouping on lengths."""
-    lengths = [len(e["ids"]) - 1 for e in data.train]
-    groups = _step_groups(lengths, data.seed, epochs, examples_per_step)
-    rows_needed = max(len(pack_rows(list(group), data.seq_len)) for group in groups)
-    return Plan(examples_per_step, rows_needed, data.seq_len, epochs, len(groups), sum(lengths) * epochs)
+    """Step count and the rows the packing needs, by a dry run of the grouping."""
+    groups = [[(len(e["ids"]) - 1, e["origin"]) for e in group] for group in _step_groups(data, epochs, examples_per_step)]
+    lengths = [[n for n, _ in group] for group in groups]
+    rows_needed = max(len(pack_rows(group, data.seq_len)) for group in lengths)
+    by_source = collections.Counter(origin for group in groups for _, origin in group)
+    return Plan(examples_per_step, rows_needed, data.seq_len, epochs, len(lengths), sum(map(sum, lengths)),
+                examples=sum(map(len, lengths)),
+                by_source=tuple((src.path, by_source[i]) for i, src in enumerate(data.inputs) if data.mixed))
 
 
 def train_iterator(data: LimaData, plan: Plan) -> grain.DatasetIterator:
-    """The whole batch of every step, `plan.total_steps` in all (the same on every process).
+    """The whole batch of every step, `plan.total_steps` in all (the same on every process);
+    `by_source` counts a step's examples by data input (one count without a mixture).
 
     A Grain DatasetIterator: save/restore it with grain.checkpoint.CheckpointSave/Restore
     (or get_state/set_state) and a resumed run sees exactly the same batches, on any mesh."""
-    groups = _step_groups(data.train, data.seed, plan.epochs, plan.examples_per_step)
-    return iter(groups.map(lambda group: pack_batch(group, plan.rows_per_step, plan.seq_len)).to_iter_dataset(_READ))
+    def batch(group):
+        counts = np.bincount([e["origin"] for e in group], minlength=len(data.inputs)).astype(np.int32)
+        return dict(pack_batch(group, plan.rows_per_step, plan.seq_len), by_source=counts)
+
+    groups = _step_groups(data, plan.epochs, plan.examples_per_step)
+    return iter(groups.map(batch).to_iter_dataset(_READ))
 
 
 def dev_batches(data: LimaData, plan: Plan) -> list[dict]:

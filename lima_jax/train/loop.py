@@ -80,8 +80,8 @@ def train(config, workdir) -> TrainState:
 
 def prepare(config, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
-    if not config.data.train_path:
-        raise ConfigError("config.data.train_path is empty: give the LIMA train.jsonl (local or gs://)")
+    if not config.data.train_path and not config.data.get("mixture"):
+        raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
     model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
@@ -211,11 +211,10 @@ def log_plan(run: Run) -> None:
     """What the run will do, printed before anything is restored or compiled."""
     plan, layout, data, mesh = run.plan, run.layout, run.data, run.program.mesh
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
-    log(f"data: {len(data.train)} train examples ({', '.join(f'{k} {v}' for k, v in sorted(data.sources().items()))});"
-        f" dev: {data.dev_source} ({len(data.dev)}); {data.stats}")
+    log(f"data: {data.describe()}")
     log(f"plan: {plan.total_steps} steps over {plan.epochs} epochs, {plan.examples_per_step} examples a step "
-        f"(the last step {len(data.train) * plan.epochs - (plan.total_steps - 1) * plan.examples_per_step}), "
-        f"{100 * plan.efficiency:.1f}% real tokens")
+        f"(the last step {plan.last_step_examples}), {100 * plan.efficiency:.1f}% real tokens"
+        + (f"; by source over the run: {plan.describe_sources()}" if plan.by_source else ""))
     log(f"batch: {layout.describe(plan.seq_len)}")
 
 
