@@ -14,7 +14,6 @@ before it accepts requests). Writes benchmarks/results/serving.json.
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import os
 import pathlib
@@ -33,7 +32,7 @@ import httpx  # noqa: E402
 import jax  # noqa: E402
 import openai  # noqa: E402
 
-from lima_jax import checkpoint  # noqa: E402
+from lima_jax import model_store  # noqa: E402
 from lima_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from lima_jax.model import ModelConfig, init_params  # noqa: E402
 
@@ -49,9 +48,8 @@ def build_checkpoint(path: pathlib.Path, dim: int, layers: int) -> ModelConfig:
     tokenizer = load_tokenizer(tokenizer_path)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=dim, n_layers=layers, n_heads=8, n_kv_heads=8,
                       ffn_dim=dim * 8 // 3 // 32 * 32, max_seq_len=512, dtype="float32")
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg), eot_id=tokenizer.eot_id,
-                                     tokenizer=tokenizer.to_record())
-    checkpoint.save_params(path, jax.device_get(init_params(cfg, jax.random.key(0))), meta)
+    meta = model_store.CheckpointMeta(model=cfg, eot_id=tokenizer.eot_id, tokenizer=tokenizer.to_record())
+    model_store.save_params(path, jax.device_get(init_params(cfg, jax.random.key(0))), meta)
     return cfg, tokenizer
 
 

@@ -2,7 +2,7 @@
 
 A checkpoint directory is an Orbax `CheckpointManager` root with one folder per step. Each
 step holds the items `params` (the model's nested dict of arrays, scanned-layer layout),
-`meta` (JSON: model config, epoch, ...), `fingerprints` (JSON: a checksum of every saved
+`meta` (JSON: model config, tokenizer, ...; typed by lima_jax.model_store), `fingerprints` (JSON: a checksum of every saved
 array's bits, `lima_jax.fingerprints`) and, in training checkpoints, `opt_state` and
 `data_iter` (the Grain iterator state). A converted checkpoint is the same with only
 `params`, `meta` and `fingerprints`, so the trainer and the sampler read both the same way.
@@ -17,8 +17,6 @@ mid-save leaves nothing that `latest_step()` would pick for a resume. Restores r
 the target shardings, so each host reads only the bytes of the shards it holds.
 """
 
-import base64
-import dataclasses
 import pathlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -224,59 +222,16 @@ def params_fingerprint(path) -> str | None:
     return None if not recorded else hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:32]
 
 
-@dataclasses.dataclass
-class CheckpointMeta:
-    """The one `meta` record of every checkpoint: written by training and conversion, read by
-    training (resume checks), sampling and export. Stored as the JSON item `meta`, so it is
-    saved and committed atomically with the arrays.
-
-    model: the ModelConfig fields. eot_id: LIMA's end-of-turn id, None for a base model
-    converted without it. tokenizer: the tokenizer the weights were trained with
-    (`Tokenizer.to_record()`; raw SentencePiece proto bytes in older checkpoints; None if
-    unknown), so sampling and export never guess. chat_format: the chat format it was trained
-    in (`data.chat_format`; None: not fine-tuned by lima_jax, read as "lima"). config: the training
-    config (training checkpoints). run: the run-defining values a resume must match.
-    source: where the weights came from ("train", or a conversion record). lora: in a LoRA
-    training checkpoint, whose `params` are the adapters only (megabytes), their settings (rank,
-    alpha, dropout, targets, base_dtype) and the frozen base they apply to: `base_checkpoint`
-    (a converted checkpoint; "" for the random init of `base_seed`); None otherwise."""
-
-    model: dict
-    step: int = 0
-    eot_id: int | None = None
-    tokenizer: dict | bytes | None = None
-    config: dict | None = None
-    run: dict | None = None
-    source: dict = dataclasses.field(default_factory=dict)
-    lora: dict | None = None
-    chat_format: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if isinstance(self.tokenizer, bytes):
-            out["tokenizer"] = base64.b64encode(self.tokenizer).decode("ascii")
-        return out
-
-    @classmethod
-    def from_json(cls, record: dict) -> "CheckpointMeta":
-        record = dict(record)
-        tokenizer = record.pop("tokenizer", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        meta = cls(**{k: v for k, v in record.items() if k in known})
-        meta.tokenizer = base64.b64decode(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        return meta
-
-
-def read_meta(path) -> CheckpointMeta:
-    """The `meta` record of a checkpoint (see `locate` for `path`)."""
+def read_meta_json(path) -> dict:
+    """The `meta` item of a checkpoint (see `locate` for `path`) as written: a JSON dict
+    (lima_jax.model_store reads it as a typed record)."""
     root, step = locate(path)
     with manager(root, read_only=True) as mngr:
-        record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    return CheckpointMeta.from_json(record)
+        return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
 
 def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, data_iter,
-                     meta: CheckpointMeta) -> None:
+                     meta: dict) -> None:
     """One training checkpoint: params, optimizer state, the Grain iterator and the meta record
     (asynchronous if the manager is). A step already saved is left alone."""
     import grain
@@ -287,14 +242,14 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, 
         PARAMS: ocp.args.StandardSave(params),
         OPT_STATE: ocp.args.StandardSave(opt_state),
         DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
-        META: ocp.args.JsonSave(meta.to_json()),
+        META: ocp.args.JsonSave(meta),
         FINGERPRINTS: ocp.args.JsonSave({PARAMS: with_dtypes(params), OPT_STATE: with_dtypes(opt_state)}),
     }))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_target, data_iter,
-                        warn) -> tuple[int, Any, Any, CheckpointMeta] | None:
-    """(step, params, opt_state, meta) of the newest checkpoint that restores, matches its
+                        warn) -> tuple[int, Any, Any, dict] | None:
+    """(step, params, opt_state, meta JSON) of the newest checkpoint that restores, matches its
     fingerprints and holds finite parameters and optimizer state, read into the targets'
     shardings (see `target_tree`); `data_iter` is set to that step's position. None when
     there is none.
@@ -317,7 +272,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, params_target, opt_state_ta
         except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
             problem = f"it does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         if problem is None:
-            return step, restored[PARAMS], restored[OPT_STATE], CheckpointMeta.from_json(restored[META])
+            return step, restored[PARAMS], restored[OPT_STATE], restored[META]
         moved = set_aside(mngr, step)
         warn(f"checkpoint {mngr.directory}/{step} is damaged: {problem}; moved to {moved}, "
              f"falling back to the previous one")
@@ -348,11 +303,11 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
     return target
 
 
-def save_params(directory, params, meta: CheckpointMeta, step: int = 0) -> pathlib.Path:
+def save_params(directory, params, meta: dict, step: int = 0) -> pathlib.Path:
     """Write a params-only checkpoint (the converter's output) and wait until it is complete."""
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta.to_json()),
+            PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta),
             FINGERPRINTS: ocp.args.JsonSave({PARAMS: with_dtypes(params)})}))
         mngr.wait_until_finished()
     return as_path(directory) / str(step)
@@ -360,7 +315,7 @@ def save_params(directory, params, meta: CheckpointMeta, step: int = 0) -> pathl
 
 # ---- streamed writes and partial reads (the converter's path for models bigger than host RAM) ----
 
-def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0, *, overwrite: bool = False,
+def save_params_streaming(directory, leaves, meta: dict, step: int = 0, *, overwrite: bool = False,
                           chunk_bytes: int = 32 << 20, compress: bool = False,
                           node_cache_bytes: int = 0) -> epath.Path:
     """Write a params-only checkpoint one layer slice at a time; restores like `save_params`'s.
@@ -448,7 +403,7 @@ def save_params_streaming(directory, leaves, meta: CheckpointMeta, step: int = 0
             "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": True,
             "store_array_data_equal_to_fill_value": ts_utils.STORE_ARRAY_DATA_EQUAL_TO_FILL_VALUE,
             "custom_metadata": None}))
-        for item, record in ((META, meta.to_json()), (FINGERPRINTS, {PARAMS: recorded})):
+        for item, record in ((META, meta), (FINGERPRINTS, {PARAMS: recorded})):
             (step_dir / item).mkdir()
             ocp.JsonCheckpointHandler().save(step_dir / item, args=ocp.args.JsonSave(record))
         json_handler = "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"

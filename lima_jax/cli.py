@@ -6,8 +6,9 @@ message (what, where, what to do) and exit status 2; anything else keeps its tra
     if __name__ == "__main__":
         cli.run(main)   # absl's app.run(main), expected failures reported briefly
 
-Exceptions are recognised by class name, so this module imports nothing heavy (no JAX) and
-works before the modules that define them are loaded.
+Expected failures are `lima_jax.errors.LimaError`s, recognised by class and reported with their
+`kind` and `todo`; errors.py imports nothing, so neither does this module (no JAX). OS and
+storage-client errors (a missing file, a full disk, an unreachable bucket) are recognised here.
 """
 
 import dataclasses
@@ -19,6 +20,8 @@ import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+
+from lima_jax.errors import LimaError
 
 EXIT_EXPECTED = 2
 TRACEBACK_ENV = "LIMA_JAX_TRACEBACK"
@@ -32,7 +35,6 @@ _OWN_DIRS = tuple(os.path.join(os.path.dirname(_PACKAGE_DIR), d) + os.sep for d 
 _STORAGE_CLIENTS = ("aiohttp", "gcsfs", "google", "requests", "urllib3")  # the libraries gs:// paths go through
 _NETWORK_ERRORS = {"ConnectionError", "ClientConnectionError", "GoogleAuthError", "HttpError", "TimeoutError",
                    "gaierror"}
-_FILE_LINE = re.compile(r"\S:\d+: ")  # "train.jsonl:12: ..." names one line
 _GS_BUCKET = re.compile(r"gs://([a-z0-9][-a-z0-9_.]*)")
 _QUOTED_PATH = re.compile(r"""["'](gs://[^"']+|/[^"']+)["']""")
 
@@ -129,15 +131,9 @@ def _names(exc: BaseException) -> set[str]:
 
 
 def _by_type(e: BaseException) -> Failure | None:
-    names, detail = _names(e), _clip(str(e))
-    if "DataError" in names:
-        return Failure("bad data", detail, "fix that line of the data file" if _FILE_LINE.search(detail) else "")
-    if "ConversionError" in names:
-        return Failure("conversion refused", detail)
-    if "ResumeRefused" in names:
-        return Failure("resume refused", detail)
-    if "NonFiniteLoss" in names:
-        return Failure("training stopped", detail)
+    detail = _clip(str(e))
+    if isinstance(e, LimaError):
+        return Failure(e.kind, _clip(str(e), keep_last=True), e.todo)
     if isinstance(e, FileNotFoundError):
         return Failure("missing file", _with_filename(e, detail), "check the path")
     if isinstance(e, FileExistsError):
@@ -235,6 +231,12 @@ def _first_line(text: str) -> str:
     return _clip(text.strip().split("\n", 1)[0])
 
 
-def _clip(text: str) -> str:
+def _clip(text: str, keep_last: bool = False) -> str:
+    """At most MAX_DETAIL_LINES lines of MAX_LINE_CHARS; `keep_last`: the last line (a refusal's fix)
+    is kept however many are cut."""
     lines = [line[:MAX_LINE_CHARS] + ("..." if len(line) > MAX_LINE_CHARS else "") for line in text.strip().split("\n")]
-    return "\n".join(lines[:MAX_DETAIL_LINES] + (["..."] if len(lines) > MAX_DETAIL_LINES else []))
+    if len(lines) <= MAX_DETAIL_LINES:
+        return "\n".join(lines)
+    if keep_last:
+        return "\n".join(lines[:MAX_DETAIL_LINES - 1] + ["...", lines[-1]])
+    return "\n".join(lines[:MAX_DETAIL_LINES] + ["..."])

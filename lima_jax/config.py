@@ -101,7 +101,7 @@ def lora_config(c: ml_collections.ConfigDict) -> LoraConfig | None:
     """The LoRA settings, or None for full fine-tuning (rank 0, or a config from before LoRA)."""
     rank = c.get("lora", {}).get("rank", 0)
     if not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"config.lora.rank={rank!r}: 0 (full fine-tuning) or a positive rank")
+        raise ConfigError(f"config.lora.rank={rank!r}: 0 (full fine-tuning) or a positive rank")
     return LoraConfig.from_config(c.get("lora"))
 
 
@@ -112,34 +112,34 @@ _MINIMUM = {"data.examples_per_step": 1, "data.seq_len": 1, "data.dev_size": 0, 
 
 
 def validate_values(c: ml_collections.ConfigDict) -> None:
-    """Checks that need no devices and no data; raises ValueError naming the config key."""
+    """Checks that need no devices and no data; raises ConfigError naming the config key."""
     for key, minimum in _MINIMUM.items():
         section, name = key.split(".")
         value = c[section][name]
         if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"config.{key}={value!r}: must be an integer >= {minimum}")
+            raise ConfigError(f"config.{key}={value!r}: must be an integer >= {minimum}")
     rows = c.data.rows_per_step
     if not isinstance(rows, int) or rows == 0 or rows < -1:
-        raise ValueError(f"config.data.rows_per_step={rows!r}: a positive number of rows, or -1 (sized by the plan)")
+        raise ConfigError(f"config.data.rows_per_step={rows!r}: a positive number of rows, or -1 (sized by the plan)")
     if rows > 0 and rows % c.train.grad_accum_steps:
-        raise ValueError(f"config.train.grad_accum_steps={c.train.grad_accum_steps} does not divide "
-                         f"config.data.rows_per_step={rows}")
+        raise ConfigError(f"config.train.grad_accum_steps={c.train.grad_accum_steps} does not divide "
+                          f"config.data.rows_per_step={rows}")
     if c.data.seq_len > c.model.max_seq_len:
-        raise ValueError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
-                         f"{c.model.max_seq_len}, the context the model's positions cover")
+        raise ConfigError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
+                          f"{c.model.max_seq_len}, the context the model's positions cover")
     for key, choices in (("chat_format", FORMATS), ("train_on", TRAIN_ON)):
         if c.data[key] not in choices:
             raise ConfigError(f"config.data.{key}={c.data[key]!r}: choose one of {', '.join(choices)}")
     for key in ("optimizer.learning_rate", "optimizer.end_learning_rate"):
         section, name = key.split(".")
         if not c[section][name] >= 0:
-            raise ValueError(f"config.{key}={c[section][name]!r}: must be >= 0")
-    lora_config(c)  # raises ValueError naming the config.lora key
+            raise ConfigError(f"config.{key}={c[section][name]!r}: must be >= 0")
+    lora_config(c)  # raises ConfigError naming the config.lora key
     data_sources(c.data)  # raises ConfigError naming config.data.format or config.data.mixture
     unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]
     if unknown:
-        raise ValueError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "
-                         f"choose from {list(RUN_DEFINING)}")
+        raise ConfigError(f"config.train.accept_changed names {sorted(unknown)}: not run-defining keys; "
+                          f"choose from {list(RUN_DEFINING)}")
 
 
 # What defines a run: a resume must match these (or list them in config.train.accept_changed).
@@ -193,7 +193,7 @@ def changed_run_keys(saved: dict, current: dict) -> list[str]:
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> ModelConfig:
     """Check a config against the devices before compiling; returns the model config.
 
-    Raises ValueError naming the offending config key."""
+    Raises ConfigError naming the offending config key."""
     validate_values(c)
     model = model_config(c)
     ici, dcn = resolve_mesh_shape(c.mesh, num_devices, num_slices)
@@ -201,15 +201,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
     for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads),
                        ("model.ffn_dim", model.ffn_dim)):
         if value % tensor:
-            raise ValueError(f"config.{key}={value} is not divisible by the tensor-parallel size "
-                             f"{tensor} (config.mesh.tensor x config.mesh.dcn_tensor)")
+            raise ConfigError(f"config.{key}={value} is not divisible by the tensor-parallel size "
+                              f"{tensor} (config.mesh.tensor x config.mesh.dcn_tensor)")
     if model.padded_vocab_size % tensor:
-        raise ValueError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
-                         f"size {tensor}: raise config.model.vocab_multiple")
+        raise ConfigError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
+                          f"size {tensor}: raise config.model.vocab_multiple")
     if model.attention == "splash" and c.data.seq_len % 128:
-        raise ValueError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
-                         f"{c.data.seq_len} is not a multiple of 128")
+        raise ConfigError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
+                          f"{c.data.seq_len} is not a multiple of 128")
     if model.attention == "cudnn" and model.dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"config.model.attention='cudnn' runs in bfloat16 or float16, not config.model.dtype="
-                         f"{model.dtype!r}")
+        raise ConfigError(f"config.model.attention='cudnn' runs in bfloat16 or float16, not config.model.dtype="
+                          f"{model.dtype!r}")
     return model

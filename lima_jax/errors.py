@@ -54,3 +54,11 @@ class DamagedCheckpoint(LimaError, ValueError):
     """A checkpoint step that does not restore, fails its fingerprints or holds non-finite values."""
 
     kind = "damaged checkpoint"
+
+
+class LoraBaseChanged(LimaError, ValueError):
+    """A LoRA checkpoint whose base checkpoint no longer holds the weights its adapters were
+    trained on (another model copied over it), or no longer restores."""
+
+    kind = "LoRA base refused"
+    todo = "restore the base the adapters were trained on (or retrain the adapters on the new one)"

@@ -75,7 +75,7 @@ def train_tokenizer(pieces: int, *, byte_fallback: bool = False) -> bytes:
     return proto
 
 
-def stored_proto(meta: checkpoint.CheckpointMeta) -> bytes:
+def stored_proto(meta) -> bytes:
     """The SentencePiece proto a checkpoint's meta stores (as its tokenizer record)."""
     from lima_jax.data.tokenizer import tokenizer_from_record
 

@@ -209,7 +209,7 @@ def test_server_messages_take_a_system_message_only_where_the_format_has_one():
 def test_conversion_stores_tokenizer_json_and_add_eot_adds_no_row(tmp_path):
     """An HF folder with a tokenizer.json that has an end-of-turn token (<|im_end|>): it is found
     and stored, and --add_eot adds no row (the model already has one)."""
-    from lima_jax import checkpoint
+    from lima_jax import model_store
     from lima_jax.convert import convert_to_orbax
     from tests.convert_fixtures import CONVERT_MHA as MHA
     from tests.references import hf_model
@@ -222,7 +222,7 @@ def test_conversion_stores_tokenizer_json_and_add_eot_adds_no_row(tmp_path):
     assert tok.get_vocab_size() < MHA.vocab_size  # Qwen-like: the embedding has more rows than ids
     tok.save(str(source / "tokenizer.json"))
     report = convert_to_orbax("hf", source, tmp_path / "ckpt", add_eot=True)
-    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    meta = model_store.read_meta(tmp_path / "ckpt")
     stored = tokenizer_from_record(meta.tokenizer)
     assert report["model"].vocab_size == MHA.vocab_size and report["tokenizer"]
     assert stored.kind == "hf" and meta.eot_id == stored.eot_id == tok.token_to_id("<|im_end|>")

@@ -42,7 +42,7 @@ def test_every_single_bit_flip_changes_the_fingerprint(dtype):
 def _converted(tmp_path):
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64)
     params = init_params(cfg, jax.random.key(0))
-    ckpt.save_params(tmp_path / "ckpt", params, ckpt.CheckpointMeta(model=cfg.__dict__))
+    ckpt.save_params(tmp_path / "ckpt", params, {"model": cfg.__dict__})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = abstract_params(cfg)
     return params, abstract, jax.tree.map(lambda _: device, abstract)

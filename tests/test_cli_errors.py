@@ -74,6 +74,7 @@ def test_convert_to_an_existing_output(tmp_path):
 
 def test_what_counts_as_expected():
     from lima_jax.aot import parse_topology
+    from lima_jax.errors import LimaError
     from lima_jax.train.loop import ResumeRefused
 
     def raised(fn, *args):
@@ -87,8 +88,23 @@ def test_what_counts_as_expected():
     assert cli.describe(raised(int, "x")) is None  # a ValueError deep in a library: a bug, keep the traceback
     assert cli.describe(raised(dict().__getitem__, "k")) is None
     assert cli.describe(ResumeRefused("checkpoint 30 was written by another run")).what == "resume refused"
+    custom = type("Custom", (LimaError,), {"kind": "custom kind", "todo": "do this"})("what went wrong")
+    assert (cli.describe(custom).what, cli.describe(custom).todo) == ("custom kind", "do this")  # by class, not name
     device_oom = ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB")
     assert cli.describe(device_oom) is None  # accelerator memory, not a disk
+
+
+def test_a_refusal_keeps_its_fix_however_many_keys_changed():
+    """A resume refused over 3+ changed keys is cut to MAX_DETAIL_LINES, but its last line (the
+    --config.train.accept_changed fix) is printed; other messages are cut as before."""
+    from lima_jax.errors import ResumeRefused
+
+    changed = [f"  optimizer.key{i}: {i} -> {i + 1}" for i in range(5)]
+    fix = 'Use another --workdir, or accept the change deliberately: --config.train.accept_changed="(\'optimizer\',)"'
+    message = cli.describe(ResumeRefused("\n".join(["/w holds checkpoint 3 of a different run; changed:", *changed, fix])))
+    assert message.what == "resume refused" and message.detail.splitlines()[-1] == fix
+    assert len(message.detail.splitlines()) <= cli.MAX_DETAIL_LINES + 1 and "--config.train.accept_changed" in message.message()
+    assert fix not in cli.describe(FileNotFoundError("\n".join([*changed, fix]))).detail  # not a LimaError: cut as before
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

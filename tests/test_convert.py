@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from lima_jax import checkpoint
+from lima_jax import checkpoint, model_store
 from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 from lima_jax.convert.layout import hf_to_meta_rope
 from lima_jax.model import ModelConfig, abstract_params
@@ -69,7 +69,7 @@ def test_meta_permutation_is_metas_interleaved_rope():
 def test_meta_shards_give_hf_logits(tmp_path, mha_model, n_shards):
     src = write_meta(mha_model, MHA, tmp_path / "meta", n_shards)
     convert_to_orbax("meta", src, tmp_path / "ckpt", vocab_multiple=MHA.vocab_multiple)
-    assert checkpoint.read_meta(tmp_path / "ckpt").model["n_layers"] == MHA.n_layers
+    assert model_store.read_meta(tmp_path / "ckpt").model.n_layers == MHA.n_layers
     params = restore(tmp_path / "ckpt", MHA)
     np.testing.assert_allclose(our_logits(MHA, params, TOKENS), hf_logits(mha_model, TOKENS), atol=1e-4, rtol=0)
 
@@ -105,10 +105,11 @@ def test_add_eot_grows_vocab_with_mean_rows_and_export_keeps_it(tmp_path, mha_mo
     proto = train_tokenizer(MHA.vocab_size)
     (tmp_path / "tokenizer.model").write_bytes(proto)  # beside the Meta folder, as Meta ships it
     convert_to_orbax("meta", src, tmp_path / "ckpt", add_eot=True, vocab_multiple=128)
-    meta = checkpoint.read_meta(tmp_path / "ckpt")
-    cfg = ModelConfig.from_config(meta.model)
+    meta = model_store.read_meta(tmp_path / "ckpt")
+    cfg = meta.model
     v = MHA.vocab_size  # the EOT id
     assert (cfg.vocab_size, cfg.padded_vocab_size, meta.eot_id, stored_proto(meta)) == (v + 1, 256, v, proto)
+    assert meta.chat_format == "lima"
     params = restore(tmp_path / "ckpt", cfg)
     embed, head = np.asarray(params["embed"]), np.asarray(params["lm_head"])
     sd = mha_model.state_dict()
@@ -134,7 +135,7 @@ def test_add_eot_grows_vocab_with_mean_rows_and_export_keeps_it(tmp_path, mha_mo
 def test_bfloat16_params(tmp_path, mha_model):
     mha_model.save_pretrained(tmp_path / "hf")
     convert_to_orbax("hf", tmp_path / "hf", tmp_path / "ckpt", param_dtype="bfloat16", vocab_multiple=16)
-    cfg = ModelConfig.from_config(checkpoint.read_meta(tmp_path / "ckpt").model)
+    cfg = model_store.read_meta(tmp_path / "ckpt").model
     assert cfg.param_dtype == "bfloat16"
     params = restore(tmp_path / "ckpt", cfg)
     assert params["layers"]["attn"]["wq"].dtype == jnp.bfloat16
@@ -247,7 +248,7 @@ def test_cli_with_config_file(tmp_path, mha_model):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MB/s" in result.stdout and "tokenizer stored" in result.stdout
-    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    meta = model_store.read_meta(tmp_path / "ckpt")
     model = meta.model
-    assert (model["vocab_size"], model["vocab_multiple"], model["param_dtype"]) == (MHA.vocab_size + 1, 128, "bfloat16")
+    assert (model.vocab_size, model.vocab_multiple, model.param_dtype) == (MHA.vocab_size + 1, 128, "bfloat16")
     assert (meta.eot_id, stored_proto(meta)) == (MHA.vocab_size, (tmp_path / "given.model").read_bytes())

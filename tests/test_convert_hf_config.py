@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert import ConversionError, convert_to_orbax
 from lima_jax.convert.hf_config import read_hf_arch
 from lima_jax.model import ModelConfig
@@ -53,7 +53,7 @@ def test_theta_500000_from_rope_parameters_converts_with_500000(tmp_path):
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["rope_parameters"] == {"rope_theta": 500000.0, "rope_type": "default"}
     convert_to_orbax("hf", tmp_path / "hf", tmp_path / "ckpt", vocab_multiple=GQA.vocab_multiple)
-    assert checkpoint.read_meta(tmp_path / "ckpt").model["rope_theta"] == 500000.0
+    assert model_store.read_meta(tmp_path / "ckpt").model.rope_theta == 500000.0
     params = restore(tmp_path / "ckpt", GQA)
     np.testing.assert_allclose(our_logits(GQA, params, TOKENS), hf_logits(model, TOKENS), atol=1e-4, rtol=0)
 

@@ -41,7 +41,7 @@ def test_pyproject_pins_the_installed_orbax():
 
 
 def test_streamed_checkpoint_has_orbaxs_metadata_and_restores_with_plain_orbax(tmp_path):
-    meta = checkpoint.CheckpointMeta(model={"dim": 3})
+    meta = {"model": {"dim": 3}}  # the meta item as JSON (typed by lima_jax.model_store)
     checkpoint.save_params(tmp_path / "orbax", TREE, meta)  # Orbax's own writer
     checkpoint.save_params_streaming(tmp_path / "stream", streamed(TREE), meta)
     ours, theirs = tmp_path / "stream" / "0", tmp_path / "orbax" / "0"
@@ -67,7 +67,7 @@ def test_streamed_checkpoint_has_orbaxs_metadata_and_restores_with_plain_orbax(t
             meta=ocp.args.JsonRestore()))
         item_meta = mngr.item_metadata(0)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), TREE)
-    assert restored["meta"] == meta.to_json()
+    assert restored["meta"] == meta
     shapes = jax.tree.map(lambda m: tuple(m.shape), dict(item_meta["params"]))
     assert shapes == jax.tree.map(lambda a: a.shape, TREE)
 
@@ -78,5 +78,5 @@ def test_streaming_writer_refuses_a_foreign_temporary_folder(tmp_path, leftover)
     foreign.mkdir()
     (foreign / "someone_elses.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=rf"ckpt\.{leftover} already exists .*remove it yourself"):
-        checkpoint.save_params_streaming(tmp_path / "ckpt", streamed(TREE), checkpoint.CheckpointMeta(model={}))
+        checkpoint.save_params_streaming(tmp_path / "ckpt", streamed(TREE), {})
     assert (foreign / "someone_elses.txt").read_text() == "keep me" and not (tmp_path / "ckpt").exists()

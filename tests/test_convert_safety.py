@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 from tests.conftest import ROOT
 from tests.convert_fixtures import CONVERT_MHA as MHA, stored_proto, train_tokenizer
@@ -85,7 +85,7 @@ def test_tokenizer_stored_explicit_wins_and_missing_warns(hf_dir, tmp_path, capl
     other.write_bytes(proto.SerializeToString())
     assert other.read_bytes() != (hf_dir / "tokenizer.model").read_bytes()
     report = convert_to_orbax("hf", hf_dir, tmp_path / "a", tokenizer=other)
-    assert report["tokenizer"] and stored_proto(checkpoint.read_meta(tmp_path / "a")) == other.read_bytes()
+    assert report["tokenizer"] and stored_proto(model_store.read_meta(tmp_path / "a")) == other.read_bytes()
 
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -94,7 +94,7 @@ def test_tokenizer_stored_explicit_wins_and_missing_warns(hf_dir, tmp_path, capl
             (bare / f.name).write_bytes(f.read_bytes())
     with caplog.at_level(logging.WARNING):
         report = convert_to_orbax("hf", bare, tmp_path / "b")
-    assert not report["tokenizer"] and checkpoint.read_meta(tmp_path / "b").tokenizer is None
+    assert not report["tokenizer"] and model_store.read_meta(tmp_path / "b").tokenizer is None
     assert "no tokenizer.model beside the weights and no --tokenizer" in caplog.text
 
 

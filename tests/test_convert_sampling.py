@@ -12,8 +12,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert import convert_to_orbax
+from lima_jax.data.tokenizer import SentencePieceTokenizer
 from lima_jax.model import ModelConfig
 from tests.convert_fixtures import (
     CONVERT_GQA as GQA,
@@ -72,9 +73,9 @@ def test_base_model_samples_transformers_greedy_tokens(tmp_path, case):
         src = meta_folder(model, cfg, tmp_path / "llama", proto)
         assert (src / "consolidated.01.pth").is_file() and not (src / "tokenizer.model").exists()
     report = convert_to_orbax(source, src, tmp_path / "ckpt")  # no --add_eot: a base model
-    meta = checkpoint.read_meta(tmp_path / "ckpt")
-    assert report["tokenizer"] and stored_proto(meta) == proto and meta.eot_id is None
-    assert meta.model["rope_theta"] == cfg.rope_theta and meta.model["vocab_size"] == cfg.vocab_size
+    meta = model_store.read_meta(tmp_path / "ckpt")
+    assert report["tokenizer"] and stored_proto(meta) == proto and meta.eot_id is None and meta.chat_format is None
+    assert meta.model.rope_theta == cfg.rope_theta and meta.model.vocab_size == cfg.vocab_size
 
     sp = spm.SentencePieceProcessor(model_proto=proto)
     (tmp_path / "given.model").write_bytes(proto)
@@ -122,8 +123,8 @@ def test_fine_tuned_checkpoint_needs_its_eot_to_be_the_piece_count(tmp_path):
     cfg = ModelConfig(vocab_size=249, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_multiple=8)
     params = jax.device_get(init_params(cfg, jax.random.key(0)))
     proto = train_tokenizer(248)
-    meta = checkpoint.CheckpointMeta(model=cfg.__dict__, eot_id=248, tokenizer=proto)
-    checkpoint.save_params(tmp_path / "ok", params, meta)
+    meta = model_store.CheckpointMeta(model=cfg, eot_id=248, tokenizer=SentencePieceTokenizer(proto).to_record())
+    model_store.save_params(tmp_path / "ok", params, meta)
     sampler, _ = load_sampler(str(tmp_path / "ok"))
     assert sampler.prompt_ids("Hi")[-1] == 248 and sampler.stop_ids == (2, 248)
     (tmp_path / "small.model").write_bytes(train_tokenizer(240))
@@ -144,14 +145,14 @@ def test_no_silent_demo_tokenizer(tmp_path):
     cfg = ModelConfig(vocab_size=DEMO_PIECES + 1, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64,
                       vocab_multiple=8)
     params = jax.device_get(init_params(cfg, jax.random.key(0)))
-    checkpoint.save_params(tmp_path / "converted", params, checkpoint.CheckpointMeta(model=cfg.__dict__))
+    model_store.save_params(tmp_path / "converted", params, model_store.CheckpointMeta(model=cfg))
     with pytest.raises(ValueError, match="stores no tokenizer .*pass --tokenizer"):
         load_sampler(str(tmp_path / "converted"))
     config = base_config()
     config.model.update(cfg.__dict__)
     config.data.tokenizer_path = ""
-    checkpoint.save_params(tmp_path / "demo", params, checkpoint.CheckpointMeta(
-        model=cfg.__dict__, eot_id=DEMO_PIECES, config=json.loads(config.to_json_best_effort())))
+    model_store.save_params(tmp_path / "demo", params, model_store.CheckpointMeta(
+        model=cfg, eot_id=DEMO_PIECES, config=json.loads(config.to_json_best_effort())))
     sampler, _ = load_sampler(str(tmp_path / "demo"))
     assert sampler.tokenizer.num_pieces == DEMO_PIECES
     np.testing.assert_array_equal(sampler.prompt_ids("Hi")[-1], DEMO_PIECES)

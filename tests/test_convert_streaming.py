@@ -1,13 +1,11 @@
 """The converter's streaming contract: one layer's tensor at a time in both directions, and a
 checkpoint layout that plain Orbax restores (parity with transformers is in test_convert.py)."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
-from lima_jax import checkpoint
+from lima_jax import checkpoint, model_store
 from lima_jax.convert import convert_to_orbax, export_hf, sources
 from lima_jax.convert.layout import LAYOUT, get_path, params_from_hf
 from lima_jax.model import ModelConfig, abstract_params
@@ -98,7 +96,7 @@ def test_stacked_leaves_are_chunked_within_a_layer_and_restore_with_orbax(tmp_pa
 
 def test_export_reads_a_trainer_written_checkpoint(tmp_path, state_dict):
     """Checkpoints the trainer writes (Orbax StandardSave: zarr2, per-process OCDBT) export too."""
-    checkpoint.save_params(tmp_path / "ckpt", params_from_hf(state_dict, MHA), checkpoint.CheckpointMeta(model=dataclasses.asdict(MHA)))
+    model_store.save_params(tmp_path / "ckpt", params_from_hf(state_dict, MHA), model_store.CheckpointMeta(model=MHA))
     assert not checkpoint.ParamsReader(tmp_path / "ckpt").use_zarr3
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=50_000)
     exported = read_safetensors(tmp_path / "hf")

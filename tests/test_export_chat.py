@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert import ConversionError, export_hf
 from lima_jax.convert.tokenizer_files import EOT_TOKEN
 from lima_jax.data.chat_format import encode, prompt_ids
@@ -75,9 +75,9 @@ def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat")
     proto = train_tokenizer(PIECES, byte_fallback=True)
     tokenizer = SentencePieceTokenizer(proto)
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG), step=250, eot_id=PIECES, tokenizer=proto,
-                                     source={"trained": "tests/test_export_chat.py"})
-    checkpoint.save_params(path / "ckpt", train(tokenizer), meta)
+    meta = model_store.CheckpointMeta(model=CFG, step=250, eot_id=PIECES, tokenizer=tokenizer.to_record(),
+                                      source={"trained": "tests/test_export_chat.py"})
+    model_store.save_params(path / "ckpt", train(tokenizer), meta)
     report = export_hf(path / "ckpt", path / "hf")
     assert report["tokenizer"]
     return path, tokenizer
@@ -152,8 +152,8 @@ def test_base_model_export_has_no_chat_template(tmp_path):
     proto = train_tokenizer(PIECES, byte_fallback=True)
     cfg = dataclasses.replace(CFG, vocab_size=PIECES)
     params = jax.device_get(init_params(cfg, jax.random.key(1)))
-    checkpoint.save_params(tmp_path / "ckpt", params, checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg),
-                                                                                tokenizer=proto))
+    meta = model_store.CheckpointMeta(model=cfg, tokenizer=SentencePieceTokenizer(proto).to_record())
+    model_store.save_params(tmp_path / "ckpt", params, meta)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.chat_template is None and len(hf_tok) == PIECES
@@ -173,8 +173,8 @@ def test_checkpoint_without_recorded_eot_id_exports_as_a_chat_model(tmp_path):
     """Written before eot_id was recorded: one row more than the tokenizer's pieces means EOT."""
     proto = train_tokenizer(PIECES, byte_fallback=True)
     params = jax.device_get(init_params(CFG, jax.random.key(2)))
-    checkpoint.save_params(tmp_path / "ckpt", params, checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG),
-                                                                                tokenizer=proto))
+    meta = model_store.CheckpointMeta(model=CFG, tokenizer=SentencePieceTokenizer(proto).to_record())
+    model_store.save_params(tmp_path / "ckpt", params, meta)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [2, PIECES]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -311,7 +311,7 @@ def build_judge_checkpoint(path) -> str:
     import jax
     import sentencepiece as spm
 
-    from lima_jax import checkpoint
+    from lima_jax import model_store
     from lima_jax.config import model_config
     from lima_jax.data.demo import DEMO_PIECES, build_demo_tokenizer
     from lima_jax.model import init_params
@@ -330,8 +330,8 @@ def build_judge_checkpoint(path) -> str:
     params["layers"]["attn"]["wo"] *= 10.0
     params["lm_head"][0, digits] = 2.0
     params["lm_head"][1:, digits] = rng.normal(0.0, 10.0, (cfg.dim - 1, len(digits)))
-    meta = checkpoint.CheckpointMeta(model={}, config=json.loads(config.to_json_best_effort()))
-    return str(checkpoint.save_params(path, params, meta))
+    meta = model_store.CheckpointMeta(model=cfg, config=json.loads(config.to_json_best_effort()))
+    return str(model_store.save_params(path, params, meta))
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert import export_hf
 from lima_jax.data.chat_format import encode
 from lima_jax.data.conversation import Conversation
@@ -73,9 +73,9 @@ def train(tok, steps: int = 150) -> dict:
 def exported(shared_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("llama3")
     tok = load_tokenizer(str(shared_dir / "llama3" / "tokenizer.json"))
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG3), step=150, eot_id=EOT, tokenizer=tok.to_record(),
-                                     chat_format="llama3", source={"trained": "tests/test_llama3_chat.py"})
-    checkpoint.save_params(path / "ckpt", train(tok), meta)
+    meta = model_store.CheckpointMeta(model=CFG3, step=150, eot_id=EOT, tokenizer=tok.to_record(),
+                                      chat_format="llama3", source={"trained": "tests/test_llama3_chat.py"})
+    model_store.save_params(path / "ckpt", train(tok), meta)
     export_hf(path / "ckpt", path / "hf")
     return path
 

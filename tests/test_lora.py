@@ -213,19 +213,16 @@ def test_a_resume_on_another_base_is_refused():
 
 
 def test_int8_base_is_read_one_matrix_at_a_time(tmp_path):
-    from lima_jax import checkpoint
-    from lima_jax.sharding import make_mesh, named_shardings
-    from lima_jax.train.loop import read_int8_base
+    from lima_jax import model_store
+    from lima_jax.sharding import make_mesh
     from tests.tiny_run import tiny_config
 
     config = tiny_config()
     config.lora.update(rank=8, base_dtype="int8")
     cfg, lora = MODEL_GQA, lora_lib.LoraConfig.from_config(config.lora)
     params = jax.device_get(init_params(cfg, jax.random.key(0)))
-    checkpoint.save_params(tmp_path / "base", params, checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg)))
-    mesh = make_mesh(config.mesh)
-    base = read_int8_base(tmp_path / "base", cfg, named_shardings(param_logical_axes(cfg), mesh),
-                          named_shardings(lora_lib.base_logical_axes(cfg, lora), mesh))
+    model_store.save_params(tmp_path / "base", params, model_store.CheckpointMeta(model=cfg))
+    base = model_store.frozen_base(model_store.LoraRecord(lora, str(tmp_path / "base")), cfg, make_mesh(config.mesh))
     expected = lora_lib.frozen_base(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), lora)
     assert jax.tree.structure(base) == jax.tree.structure(expected)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), jax.device_get(expected))

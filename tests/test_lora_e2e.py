@@ -32,11 +32,10 @@ def steps_saved(workdir) -> list[int]:
 
 
 def adapters(workdir) -> dict:
-    from lima_jax import checkpoint
-    from lima_jax.convert.lora_export import lora_settings, read_adapters
+    from lima_jax import model_store
 
-    meta = checkpoint.read_meta(workdir)
-    return meta, read_adapters(workdir, lora_settings(meta, workdir))
+    meta = model_store.read_meta(workdir)
+    return meta, model_store.read_adapters(workdir, meta.lora.settings)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_lora_demo_overfits_like_full_fine_tuning_and_saves_only_adapters(uninte
     assert len(dev) == EPOCHS and dev[-1] < 1.15 * full_dev[-1], (dev, full_dev)
 
     meta, trained = adapters(uninterrupted)
-    assert meta.lora["base_checkpoint"] == str(base) and meta.lora["rank"] == 16
+    assert meta.lora.base_checkpoint == str(base) and meta.lora.settings.rank == 16
     step = steps_saved(uninterrupted)[-1]
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     lora_step, base_step = uninterrupted / "checkpoints" / str(step), base / "checkpoints" / str(steps_saved(base)[-1])

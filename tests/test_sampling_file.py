@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.config import base_config, model_config
 from lima_jax.model import init_params
 from lima_jax.sampling import SamplingSettings
@@ -31,9 +31,9 @@ def ckpt(tmp_path_factory, shared_dir):
     cfg = model_config(c)
     params = init_params(cfg, jax.random.key(0))
     path = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save_params(path / "with_config", params,
-                           checkpoint.CheckpointMeta(model={}, config=json.loads(c.to_json_best_effort())))
-    checkpoint.save_params(path / "model_only", params, checkpoint.CheckpointMeta(model=cfg.__dict__))
+    model_store.save_params(path / "with_config", params,
+                            model_store.CheckpointMeta(model=cfg, config=json.loads(c.to_json_best_effort())))
+    model_store.save_params(path / "model_only", params, model_store.CheckpointMeta(model=cfg))
     return path, c
 
 

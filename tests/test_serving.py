@@ -9,7 +9,6 @@ at once; stop strings, logit_bias, seeds and raw completions; malformed requests
 OpenAI-style 400 and the server goes on serving."""
 
 import concurrent.futures
-import dataclasses
 import os
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.data.tokenizer import SentencePieceTokenizer
 from lima_jax.model import bind
 from lima_jax.sampling import SamplingSettings
@@ -43,8 +42,8 @@ def build_checkpoint(path) -> str:
     """A tiny LIMA-style chat checkpoint (trained here) with its tokenizer and EOT id."""
     proto = train_tokenizer(PIECES, byte_fallback=True)
     tokenizer = SentencePieceTokenizer(proto)
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(CFG), step=250, eot_id=PIECES, tokenizer=proto)
-    checkpoint.save_params(path, train(tokenizer), meta)
+    meta = model_store.CheckpointMeta(model=CFG, step=250, eot_id=PIECES, tokenizer=tokenizer.to_record())
+    model_store.save_params(path, train(tokenizer), meta)
     return str(path)
 
 

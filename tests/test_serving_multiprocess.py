@@ -4,7 +4,6 @@ greedy and seeded answers equal the Sampler's on one process, and stopping proce
 process 1."""
 
 import concurrent.futures
-import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,9 +14,9 @@ import jax
 import openai
 import pytest
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.data import demo
-from lima_jax.data.tokenizer import load_tokenizer
+from lima_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from lima_jax.model import ModelConfig, init_params
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
@@ -36,8 +35,8 @@ def ckpt(tmp_path_factory):
     with open(demo.build_demo_tokenizer(), "rb") as f:
         proto = f.read()
     path = tmp_path_factory.mktemp("mp") / "ckpt"
-    meta = checkpoint.CheckpointMeta(model=dataclasses.asdict(cfg), eot_id=tokenizer.eot_id, tokenizer=proto)
-    checkpoint.save_params(path, jax.device_get(init_params(cfg, jax.random.key(3))), meta)
+    meta = model_store.CheckpointMeta(model=cfg, eot_id=tokenizer.eot_id, tokenizer=SentencePieceTokenizer(proto).to_record())
+    model_store.save_params(path, jax.device_get(init_params(cfg, jax.random.key(3))), meta)
     return str(path)
 
 

@@ -20,11 +20,11 @@ def final_params(workdir):
     import jax
     import ml_collections
 
-    from lima_jax import checkpoint as ckpt
+    from lima_jax import checkpoint as ckpt, model_store
     from lima_jax.config import model_config
     from lima_jax.model import abstract_params
 
-    meta = ckpt.read_meta(workdir)
+    meta = model_store.read_meta(workdir)
     cfg = model_config(ml_collections.ConfigDict(meta.config))
     abstract = abstract_params(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

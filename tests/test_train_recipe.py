@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from lima_jax import checkpoint as ckpt
+from lima_jax import checkpoint as ckpt, model_store
 from lima_jax.data import demo
 from lima_jax.train import loop
 from tests.conftest import cpu_env
@@ -42,7 +42,7 @@ def test_fewer_rows_than_batch_shards_trains_like_one_device(tmp_path, cache):
 def test_resume_with_a_changed_recipe_is_refused(tmp_path, cache):
     config = tiny_config(max_steps=1, checkpoint_every_steps=1, compilation_cache_dir=str(cache))
     loop.train(config, tmp_path)
-    assert ckpt.read_meta(tmp_path).tokenizer  # the tokenizer travels with the checkpoint
+    assert model_store.read_meta(tmp_path).tokenizer  # the tokenizer travels with the checkpoint
     for key, value, listed in (("train.epochs", 30, "train.epochs: 15 -> 30"), ("seed", 1, "seed: 0 -> 1"),
                                ("data.seq_len", 128, "data.seq_len: 256 -> 128"),
                                ("data.dev_size", 5, "data.dev_size: 10 -> 5")):

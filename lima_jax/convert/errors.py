@@ -1,5 +1,5 @@
-"""The converter's one expected-failure type."""
+"""The converter's expected-failure type, defined with every other one in lima_jax.errors."""
 
+from lima_jax.errors import ConversionError
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted as it is; the message says which file and why."""
+__all__ = ["ConversionError"]

@@ -9,25 +9,23 @@ carries LIMA's decoding (`LIMA_DECODING`; transformers' repetition penalty also 
 prompt's tokens, LIMA's only the answer's). Every tensor's name, shape and size are known from the
 config, so the shards are planned up front (at most `max_shard_bytes` each, whole layers in
 order), each file's header is written first and each HF tensor is then read alone from the
-checkpoint (`checkpoint.ParamsReader`: one layer's slice of a stacked leaf), converted and
+checkpoint (`model_store.params_reader`: one layer's slice of a stacked leaf), converted and
 appended. Host memory is about one layer's tensor, whatever the depth or the shard size.
-A LoRA checkpoint exports merged: its base's tensors plus the adapters (`params_reader`).
+A LoRA checkpoint exports merged: its base's tensors plus the adapters (`model_store.params_reader`).
 """
 
 import json
 import logging
 
 import numpy as np
-from etils import epath
 
-from lima_jax import checkpoint
+from lima_jax import model_store
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, EOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import LAYOUT, get_path
+from lima_jax.convert.safetensors_stream import SafetensorsStream
 from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.tokenizer_files import hf_tokenizer_files
-from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
-from lima_jax.errors import LimaError
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
 
@@ -44,9 +42,6 @@ def generation_config(eot_id: int | None, bos_id: int | None = BOS_ID, eos_id: i
     transformers' defaults."""
     config = {"bos_token_id": bos_id, "eos_token_id": stop_ids(eot_id, eos_id)}
     return config if eot_id is None else {**config, **LIMA_DECODING}
-
-
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def export_order(cfg: ModelConfig) -> list[tuple]:
@@ -73,39 +68,6 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], int]], max_bytes: int)
     return [s for s in shards if s]
 
 
-class _SafetensorsStream:
-    """One safetensors file written tensor by tensor: every name, shape and dtype is known up
-    front, so the header (with all data offsets) goes first and each tensor's bytes are
-    appended as it arrives; nothing but the current tensor is held in memory."""
-
-    def __init__(self, path: epath.Path, tensors: list[tuple[str, tuple[int, ...], int]], dtype: str):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, nbytes in tensors:
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
-        self.expected = [(name, shape) for name, shape, _ in tensors]
-        self.f = path.open("wb")
-        self.f.write(len(blob).to_bytes(8, "little") + blob)
-
-    def add(self, name: str, w: np.ndarray):
-        want_name, want_shape = self.expected.pop(0)
-        assert (name, tuple(w.shape)) == (want_name, tuple(want_shape)), (name, w.shape, want_name, want_shape)
-        w = np.ascontiguousarray(w)
-        self.f.write(w.reshape(-1).view(np.uint8).data)  # little-endian hosts, as safetensors stores
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.f.close()
-        if exc_type is None:
-            assert not self.expected, f"tensors never written: {[n for n, _ in self.expected][:5]}"
-
-
 def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = None, overwrite: bool = False,
               max_shard_bytes: int = 5 << 30) -> dict:
     """Write the HF folder for the checkpoint at `checkpoint_path` (work dir, manager root or step).
@@ -114,19 +76,20 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
     layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
     out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
-    meta = checkpoint.read_meta(checkpoint_path)
-    if not meta.model:
-        raise ConversionError(f"{checkpoint_path}: its meta item has no model config")
-    cfg = ModelConfig.from_config(meta.model)
+    meta = model_store.read_meta(checkpoint_path)
+    cfg = meta.model
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
-    tok = _tokenizer(tokenizer, meta, checkpoint_path)
-    eot_id = _eot_id(meta, cfg, tok)
-    tok_files = {} if tok is None else hf_tokenizer_files(tok, eot_id, cfg.vocab_size, cfg.max_seq_len,
-                                                          meta.chat_format)
-    ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    chosen, why = model_store.choose_tokenizer(meta, checkpoint_path, tokenizer_path=None if tokenizer is None else
+                                               str(tokenizer), required=False, check=False)  # hf_tokenizer_files checks
+    if chosen is None:
+        log.warning("%s: the export has no tokenizer files", why)
+    eot_id = model_store.eot_id(meta, chosen)
+    tok_files = {} if chosen is None else hf_tokenizer_files(chosen, eot_id, cfg.vocab_size, cfg.max_seq_len,
+                                                             meta.chat_format)
+    ids = {} if chosen is None else {"bos_id": chosen.bos_id, "eos_id": chosen.eos_id}
     bound_heap()
-    reader = params_reader(checkpoint_path, meta)
+    reader = model_store.params_reader(checkpoint_path, meta)
     abstract = abstract_params(cfg)
     for entry in LAYOUT:  # the checkpoint holds what its meta says, before anything is written
         stored, spec = reader.array(entry.path), get_path(abstract, entry.path)
@@ -143,7 +106,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     with writing_into(tmp, out):
         todo = iter(order)
         for name, shard in zip(names, shards):
-            with _SafetensorsStream(tmp / name, shard, dtype) as stream:
+            with SafetensorsStream(tmp / name, shard, dtype) as stream:
                 for _ in shard:
                     entry, i = next(todo)
                     w = entry.to_hf(reader.read(entry.path, i), cfg).astype(np_dtype, copy=False)
@@ -160,15 +123,6 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 
 
-def params_reader(checkpoint_path, meta: checkpoint.CheckpointMeta):
-    """The checkpoint's tensors; for a LoRA checkpoint, its base's with the adapters merged in."""
-    if not meta.lora:
-        return checkpoint.ParamsReader(checkpoint_path)
-    from lima_jax.convert.lora_export import MergedReader
-
-    return MergedReader(checkpoint_path, meta)
-
-
 def _np_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
@@ -177,30 +131,3 @@ def _np_dtype(name: str):
     if name not in ("float32", "float16"):
         raise ConversionError(f"--dtype={name!r}; choose float32, bfloat16 or float16")
     return np.dtype(name)
-
-
-def _eot_id(meta: checkpoint.CheckpointMeta, cfg: ModelConfig, tok: Tokenizer | None) -> int | None:
-    """The checkpoint's EOT id; for one that records none but has one row more than its
-    tokenizer's pieces (written before eot_id was recorded), EOT = the piece count, as in training."""
-    if meta.eot_id is not None or tok is None:
-        return meta.eot_id
-    if not tok.eot_added:
-        return tok.eot_id
-    return tok.eot_id if cfg.vocab_size == tok.vocab_size else None
-
-
-def _tokenizer(tokenizer, meta: checkpoint.CheckpointMeta, checkpoint_path) -> Tokenizer | None:
-    """`tokenizer` (a tokenizer.model, a tokenizer.json or a folder holding one) wins; else the
-    one stored in the checkpoint; else the training config's tokenizer_path; else None, warned."""
-    saved = ((meta.config or {}).get("data") or {}).get("tokenizer_path")
-    path = tokenizer if tokenizer is not None else None if meta.tokenizer is not None else saved
-    if path:
-        try:
-            return load_tokenizer(str(path))
-        except LimaError as e:
-            raise ConversionError(f"--tokenizer={tokenizer}: {e}" if tokenizer is not None else str(e)) from None
-    if meta.tokenizer is not None:
-        return tokenizer_from_record(meta.tokenizer)
-    log.warning("%s stores no tokenizer and no --tokenizer was given: the export has no tokenizer files",
-                checkpoint_path)
-    return None

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from lima_jax import checkpoint, storage
+from lima_jax import checkpoint, model_store, storage
 from lima_jax.convert.layout import LAYOUT, get_path, mean_row
 from lima_jax.convert.safety import check_output_location
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
@@ -134,12 +134,13 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
                             arch_file=str(src.dir / src.arch_file))
         src.check(ModelConfig(**arch, vocab_multiple=1))
         eot_id = arch["vocab_size"] if add_eot else None if tok is None or tok.eot_added else tok.eot_id
-        meta = checkpoint.CheckpointMeta(
-            model=dataclasses.asdict(cfg), eot_id=eot_id, tokenizer=None if tok is None else tok.to_record(),
+        meta = model_store.CheckpointMeta(
+            model=cfg, eot_id=eot_id, tokenizer=None if tok is None else tok.to_record(),
+            chat_format=model_store.LIMA_FORMAT if add_eot else None,
             source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
         stats: dict = {}
         checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
-                                         meta, overwrite=overwrite)
+                                         meta.to_json(), overwrite=overwrite)
     seconds = time.perf_counter() - start
     return {"model": cfg, "bytes_read": stats.get("bytes_read", 0), "seconds": seconds, "output": str(out),
             "tokenizer": tok is not None}

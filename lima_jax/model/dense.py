@@ -7,7 +7,7 @@
   reads x (q, k and v; gate and up), and the weight gradients x^T @ dy read the copy: XLA:CPU
   hands a dot to its fast matmul library only in that operand order. An optimization barrier
   keeps XLA from folding the transpose back into the dot. Chosen per backend (lima_jax.backend).
-- LoRA: a `LoraWeight` (lima_jax.model.lora) in place of a weight adds its low-rank term
+- LoRA: a `LoraWeight` (lima_jax.model.weights) in place of a weight adds its low-rank term
   x a b * scale to that output; the frozen base goes through the same matmuls as any weight.
 Measurements: docs/benchmarks.md.
 """
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lima_jax import backend
-from lima_jax.model.lora import LoraWeight, base_weight
+from lima_jax.model.weights import LoraWeight, base_weight
 
 
 def dense(x: jax.Array, w: jax.Array | tuple[jax.Array, ...], axes: int = 1, transposed_wgrad: bool | None = None,

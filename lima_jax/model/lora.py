@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lima_jax.errors import ConfigError
 from lima_jax.model.config import ModelConfig
+from lima_jax.model.weights import LoraWeight, QuantizedWeight
 
 # config name -> (module, weight) in the params tree, and the weight's input dims count.
 TARGETS: dict[str, tuple[tuple[str, str], int]] = {
@@ -54,16 +56,16 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"config.lora.rank={self.rank!r}: a positive rank (0 turns LoRA off)")
+            raise ConfigError(f"config.lora.rank={self.rank!r}: a positive rank (0 turns LoRA off)")
         if not self.alpha > 0:
-            raise ValueError(f"config.lora.alpha={self.alpha!r}: must be > 0 (the update is scaled by alpha / rank)")
+            raise ConfigError(f"config.lora.alpha={self.alpha!r}: must be > 0 (the update is scaled by alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config.lora.dropout={self.dropout!r}: must be in [0, 1)")
+            raise ConfigError(f"config.lora.dropout={self.dropout!r}: must be in [0, 1)")
         unknown = [t for t in self.targets if t not in TARGET_NAMES]
         if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"config.lora.targets={tuple(self.targets)!r}: distinct names among {TARGET_NAMES}")
+            raise ConfigError(f"config.lora.targets={tuple(self.targets)!r}: distinct names among {TARGET_NAMES}")
         if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"config.lora.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}")
+            raise ConfigError(f"config.lora.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}")
 
     @property
     def scale(self) -> float:
@@ -78,7 +80,7 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config.lora keys: {unknown}")
+            raise ConfigError(f"unknown config.lora keys: {unknown}")
         values["targets"] = tuple(values.get("targets", tuple(TARGETS)))
         return cls(**values)
 
@@ -91,65 +93,6 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         return dict(dataclasses.asdict(self), targets=list(self.targets))
-
-
-# ---- weights the layers read like arrays ----
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class QuantizedWeight:
-    """An int8 weight with one scale per output channel: W = values * scale."""
-    values: jax.Array  # int8 [..., *in, *out]
-    scale: jax.Array  # float32, 1 on every input dim: [..., 1, ..., *out]
-
-    def __getitem__(self, index):  # nnx reads a parameter as `param[...]`
-        if index is not Ellipsis:
-            raise IndexError("a quantized weight is read whole")
-        return self
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-    def astype(self, dtype) -> jax.Array:
-        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class LoraWeight:
-    """A frozen weight with its adapter; `dense` computes x base + dropout(x) a b * scale."""
-    base: Any  # [*in, *out] array or QuantizedWeight
-    a: jax.Array  # [*in, rank]
-    b: jax.Array  # [rank, *out]
-    key: jax.Array | None  # the dropout key (None: no dropout)
-    scale: float = dataclasses.field(metadata=dict(static=True))
-    dropout: float = dataclasses.field(metadata=dict(static=True))
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise IndexError("a LoRA weight is read whole")
-        return self
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.base.shape
-
-    def astype(self, dtype) -> "LoraWeight":
-        return dataclasses.replace(self, base=self.base.astype(dtype), a=self.a.astype(dtype), b=self.b.astype(dtype))
-
-    def delta(self, x: jax.Array) -> jax.Array:
-        """The low-rank term for flat inputs x [N, in] -> [N, out]."""
-        if self.key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros_like(x))
-        rank = self.a.shape[-1]
-        return (x @ self.a.reshape(-1, rank)) @ self.b.reshape(rank, -1) * jnp.asarray(self.scale, x.dtype)
-
-
-def base_weight(w):
-    """The frozen part of a weight (itself when it has no adapter)."""
-    return w.base if isinstance(w, LoraWeight) else w
 
 
 # ---- the adapter tree ----

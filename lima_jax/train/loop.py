@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from lima_jax import checkpoint as ckpt, config as config_lib
+from lima_jax import checkpoint as ckpt, config as config_lib, model_store
 from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
-from lima_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_record
 from lima_jax.errors import ConfigError, NonFiniteLoss, ResumeRefused
-from lima_jax.model import abstract_params, flops_per_token, init_params, lora as lora_lib, param_logical_axes
-from lima_jax.sharding import BatchLayout, make_mesh, named_shardings, num_slices
+from lima_jax.model import flops_per_token, init_params, lora as lora_lib
+from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.program import TrainProgram, batch_layout_for, build_program
 from lima_jax.train.step import TrainState, model_params
@@ -82,17 +81,17 @@ def train(config, workdir) -> TrainState:
 def prepare(config, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
     if not config.data.train_path and not config.data.get("mixture"):
-        raise ValueError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
+        raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
     model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    data = pipeline.load_data(config.data, config.seed, tokenizer=initial_tokenizer(config))
+    data = pipeline.load_data(config.data, config.seed, tokenizer=model_store.training_tokenizer(config))
     if not data.tokenizer.fits_vocab(model_cfg.vocab_size):
-        raise ValueError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} needs {data.tokenizer.vocab_size} "
-                         f"ids{' (pieces + EOT)' if data.tokenizer.eot_added else ''}, but config.model.vocab_size="
-                         f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
+        raise ConfigError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} needs {data.tokenizer.vocab_size} "
+                          f"ids{' (pieces + EOT)' if data.tokenizer.eot_added else ''}, but config.model.vocab_size="
+                          f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
     identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
     check_same_run_on_all_processes(config, identity)
     plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
@@ -112,21 +111,6 @@ def prepare(config, workdir) -> Run:
               pipeline.train_iterator(data, plan))
     check_resume(run)
     return run
-
-
-def initial_tokenizer(config) -> Tokenizer | None:
-    """The tokenizer stored with `config.init_checkpoint` when `data.tokenizer_path` is empty;
-    a given tokenizer must be that one (the weights were trained with it)."""
-    if not config.init_checkpoint:
-        return None
-    stored = ckpt.read_meta(config.init_checkpoint).tokenizer
-    if stored is None or not config.data.tokenizer_path:
-        return None if stored is None else tokenizer_from_record(stored)
-    given = load_tokenizer(config.data.tokenizer_path)
-    if not given.same_as(tokenizer_from_record(stored)):
-        raise ValueError(f"config.data.tokenizer_path={config.data.tokenizer_path} is not the tokenizer stored with "
-                         f"config.init_checkpoint={config.init_checkpoint}; leave tokenizer_path empty to use that one")
-    return given
 
 
 def check_same_run_on_all_processes(config, identity: dict) -> None:
@@ -166,7 +150,7 @@ def check_resume(run: Run) -> None:
     if step is None:
         return
     try:
-        saved = ckpt.read_meta(run.manager.directory / str(step)).run
+        saved = model_store.read_meta(run.manager.directory / str(step)).run
     except Exception:  # noqa: BLE001  a damaged step: restore falls back and the next resume compares
         return
     if saved is None:
@@ -213,47 +197,14 @@ def restore_or_init(run: Run) -> TrainState:
 
 
 def load_base(run: Run) -> dict:
-    """A LoRA run's frozen base in `lora.base_dtype`, on the state's shardings: the weights of
-    `config.init_checkpoint`, or the seed's random init (full fine-tuning's)."""
-    program, config, lora = run.program, run.config, run.program.lora
-    cfg, mesh = program.model_cfg, program.mesh
-    dense_shardings = named_shardings(param_logical_axes(cfg), mesh)
-    to_base = jax.jit(lambda p: lora_lib.frozen_base(p, lora), out_shardings=program.state_shardings.base,
-                      donate_argnums=0)
-    if config.init_checkpoint:
-        log(f"LoRA base (frozen, {lora.base_dtype}) from {config.init_checkpoint}")
-        if lora.base_dtype == "int8":
-            return read_int8_base(config.init_checkpoint, cfg, dense_shardings, program.state_shardings.base)
-        dtype = jnp.float32 if lora.base_dtype == "float32" else jnp.bfloat16  # int8 is quantized from bfloat16
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params(cfg))
-        return to_base(ckpt.restore_params(config.init_checkpoint, abstract, dense_shardings))
-    log(f"LoRA base (frozen, {lora.base_dtype}): random init of seed {config.seed}")
-    return to_base(jax.jit(init_params, static_argnums=0, out_shardings=dense_shardings)(cfg, jax.random.key(config.seed)))
-
-
-def read_int8_base(path, cfg, dense_shardings, base_shardings) -> dict:
-    """An int8 base read one layer matrix at a time (restored in bfloat16, then quantized on the
-    devices), so they never hold the whole bfloat16 base beside its int8 copy."""
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract_params(cfg))
-    matrices = {("layers", *path_): n_in for path_, n_in in lora_lib.TARGETS.values()}
-    base = ckpt.restore_params_part(path, _without(abstract, matrices), _without(dense_shardings, matrices))
-    get, put = lora_lib.get_path, lora_lib.set_path
-    for key, n_in in matrices.items():
-        leaf = get(ckpt.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
-        quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=get(base_shardings, key),
-                           donate_argnums=0)
-        put(base, key, quantize(leaf))
-    return base
-
-
-def _only(tree: dict, key: tuple) -> dict:  # the nested dict holding just the leaf at `key`
-    return {key[0]: _only(tree[key[0]], key[1:])} if len(key) > 1 else {key[0]: tree[key[0]]}
-
-
-def _without(tree: dict, keys, prefix: tuple = ()) -> dict:  # the nested dict without the leaves at `keys`
-    out = {k: _without(v, keys, prefix + (k,)) if isinstance(v, dict) else v for k, v in tree.items()
-           if prefix + (k,) not in keys}
-    return {k: v for k, v in out.items() if v != {}}  # no empty branches: Orbax reads them as leaves
+    """A LoRA run's frozen base on the state's shardings (model_store.frozen_base: the weights of
+    `config.init_checkpoint`, or the seed's random init, full fine-tuning's). On a resume it must
+    still hold the weights the saved adapters were trained on (model_store.check_resumed_base)."""
+    program, record = run.program, model_store.lora_record(run.config)
+    step = run.manager.latest_step()
+    if step is not None:
+        model_store.check_resumed_base(run.manager.directory / str(step), record)
+    return model_store.frozen_base(record, program.model_cfg, program.mesh, program.state_shardings.base, say=log)
 
 
 def log_plan(run: Run) -> None:
@@ -340,19 +291,12 @@ class StepLoop:
 
 
 def save(run: Run, step: int, state: TrainState, train_iter) -> None:
-    meta = ckpt.CheckpointMeta(
-        model=dict(run.program.model_cfg.__dict__), step=step, eot_id=run.data.tokenizer.eot_id,
-        tokenizer=run.data.tokenizer.to_record(), config=json.loads(run.config.to_json_best_effort()),
-        run=run.identity, source={"from": "train"}, lora=lora_record(run), chat_format=run.config.data.chat_format)
-    ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta)
-
-
-def lora_record(run: Run) -> dict | None:
-    """What a LoRA checkpoint's adapters need besides themselves: their settings and their base."""
-    lora = run.program.lora
-    if lora is None:
-        return None
-    return dict(lora.to_dict(), base_checkpoint=run.config.init_checkpoint, base_seed=run.config.seed)
+    tokenizer = run.data.tokenizer
+    meta = model_store.CheckpointMeta(
+        model=run.program.model_cfg, step=step, eot_id=tokenizer.eot_id, tokenizer=tokenizer.to_record(),
+        chat_format=run.config.data.chat_format, config=json.loads(run.config.to_json_best_effort()), run=run.identity,
+        source={"from": "train"}, lora=model_store.lora_record(run.config))
+    ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta.to_json())
 
 
 def end_of_epoch(run: Run, step: int, state: TrainState, writer: MetricsWriter) -> None:
