@@ -1,0 +1,153 @@
+"""Today's open model families against transformers 5: a random small Llama 3.1 (llama3 RoPE
+scaling, a context longer than original_max_position_embeddings), Qwen2 (tied embeddings, q/k/v
+biases), Qwen3 (q/k norms, head_dim != hidden / heads), Mistral (no sliding window) and a
+linear RoPE scaling, each saved by `save_pretrained` as sharded safetensors, converted by
+lima_jax, give transformers' logits and greedy tokens (KV-cache decode), and its `--to hf`
+export loads in transformers with the same logits. Tied embeddings train as one matrix (the
+embedding's gradient equals transformers'); what the model does not implement is refused."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lima_jax import checkpoint
+from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
+from lima_jax.convert.hf_config import read_hf_arch
+from lima_jax.convert.layout import params_from_hf
+from lima_jax.model import ModelConfig, bind, lora as lora_lib, param_count
+from lima_jax.sampling.generate import generate
+from lima_jax.sampling.transforms import SamplingSettings
+from lima_jax.train.loss import lm_loss
+from tests.convert_fixtures import restore
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+VOCAB, NEW = 200, 10
+SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+FAMILIES = {  # name: (transformers model class, its config)
+    "llama3_1": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**SHAPES, rope_parameters=LLAMA3_ROPE)),
+    "llama_linear": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        **SHAPES, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "qwen2_tied": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        **SHAPES, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3_head_dim": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SHAPES, head_dim=24)),
+    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(**SHAPES, sliding_window=None)),
+}
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 80))  # longer than llama3's original 32 positions
+
+
+def hf_family_model(name: str, seed: int = 0):
+    """A random model of the family; norms and biases randomised too so their mapping shows."""
+    cls, config = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key:
+                p.uniform_(0.5, 1.5)
+            elif key.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model.generation_config.eos_token_id = None  # greedy runs the full NEW tokens on both sides
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, the converted checkpoint, its ModelConfig, restored params)."""
+    path = tmp_path_factory.mktemp(request.param)
+    model = hf_family_model(request.param)
+    model.save_pretrained(path / "hf", max_shard_size="40KB")  # sharded, with an index
+    assert (path / "hf" / "model.safetensors.index.json").is_file()
+    convert_to_orbax("hf", path / "hf", path / "ckpt", vocab_multiple=16)
+    cfg = ModelConfig.from_config(checkpoint.read_meta(path / "ckpt").model)
+    return request.param, model, path, cfg, restore(path / "ckpt", cfg)
+
+
+def test_converted_logits_equal_transformers(family):
+    name, model, _, cfg, params = family
+    assert (cfg.rope_type, cfg.tied_embeddings, cfg.qkv_bias, cfg.qk_norm, cfg.head_dim) == {
+        "llama3_1": ("llama3", False, False, False, 16), "llama_linear": ("linear", False, False, False, 16),
+        "qwen2_tied": ("default", True, True, False, 16),
+        "qwen3_head_dim": ("default", False, False, True, 24), "mistral": ("default", False, False, False, 16)}[name]
+    assert "lm_head" not in params if cfg.tied_embeddings else "lm_head" in params
+    ours = np.asarray(bind(cfg, params)(jnp.asarray(TOKENS)))[..., :cfg.vocab_size]
+    np.testing.assert_allclose(ours, hf_logits(model, TOKENS), atol=2e-4, rtol=0)
+    assert param_count(cfg) == model.num_parameters()
+
+
+def test_greedy_kv_cache_decode_equals_transformers(family):
+    _, model, _, cfg, params = family
+    prompts = TOKENS[:, :40]  # past llama3's original context while decoding
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                                  do_sample=False, max_new_tokens=NEW, pad_token_id=0)[:, prompts.shape[1]:].numpy()
+    settings = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=NEW)
+    lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
+    out = generate(cfg, settings, params, jnp.asarray(prompts, jnp.int32), lengths, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), expected)
+
+
+def test_export_loads_in_transformers_with_equal_logits(family):
+    name, model, path, cfg, _ = family
+    export_hf(path / "ckpt", path / "export", dtype="float32")
+    written = json.loads((path / "export" / "config.json").read_text())
+    assert written["model_type"] == {"qwen2_tied": "qwen2", "qwen3_head_dim": "qwen3"}.get(name, "llama")
+    assert written["tie_word_embeddings"] == cfg.tied_embeddings
+    assert written["rope_parameters"]["rope_type"] == cfg.rope_type
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path / "export", dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_logits(loaded, TOKENS), hf_logits(model, TOKENS), atol=2e-4, rtol=0)
+
+
+def test_tied_embedding_gradient_equals_transformers():
+    """The embedding of a tied model receives the head's gradient and the lookup's, as torch's."""
+    model = hf_family_model("qwen2_tied", seed=3)
+    ids = TOKENS[:, :33]
+    loss = model(torch.tensor(ids), labels=torch.tensor(ids)).loss
+    loss.backward()
+    expected = model.model.embed_tokens.weight.grad.numpy()
+    cfg = ModelConfig(**read_hf_arch(model.config.to_dict(), "qwen2").fields, vocab_multiple=16, logits_chunks=4,
+                      remat_policy="none")
+    params = params_from_hf({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg)
+    batch = dict(tokens=ids[:, :-1], targets=ids[:, 1:], positions=np.broadcast_to(np.arange(32), (2, 32)),
+                 segment_ids=np.ones((2, 32), np.int32), loss_weights=np.ones((2, 32), np.float32))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    ours, grads = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch)[0])(jax.tree.map(jnp.asarray, params))
+    np.testing.assert_allclose(float(ours), float(loss), rtol=1e-5)
+    assert "lm_head" not in grads
+    np.testing.assert_allclose(np.asarray(grads["embed"])[:VOCAB], expected, atol=1e-5, rtol=0)
+
+
+def test_lora_on_a_tied_head_is_refused():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, tied_embeddings=True)
+    lora_lib.adapter_shapes(cfg, lora_lib.LoraConfig(rank=2, alpha=4.0))  # the layer matrices are fine
+    with pytest.raises(ValueError, match=r"config\.lora\.targets includes 'head'.*tied_embeddings"):
+        lora_lib.adapter_shapes(cfg, lora_lib.LoraConfig(rank=2, alpha=4.0, targets=lora_lib.TARGET_NAMES))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("yarn", r"rope_parameters\.rope_type='yarn'; the model implements RoPE types \['default', 'linear', 'llama3'\]"),
+    ("window", r"sliding_window=16 is shorter than the context \(model\.max_seq_len=2048\)"),
+])
+def test_what_the_model_does_not_implement_is_refused(tmp_path, kind, message):
+    if kind == "yarn":
+        config = transformers.MistralConfig(**SHAPES, sliding_window=None, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+    else:
+        config = transformers.MistralConfig(**SHAPES, sliding_window=16)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConversionError, match=message):
+        convert_to_orbax("hf", tmp_path / "hf", tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
