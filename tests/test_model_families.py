@@ -41,6 +41,7 @@ FAMILIES = {  # name: (transformers model class, its config)
     "qwen3_head_dim": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SHAPES, head_dim=24)),
     "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(**SHAPES, sliding_window=None)),
 }
+DECODED = ("llama3_1", "mistral", "qwen2_tied", "qwen3_head_dim")  # linear scaling: logits only (same code path)
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 80))  # longer than llama3's original 32 positions
 
 
@@ -89,7 +90,9 @@ def test_converted_logits_equal_transformers(family):
 
 
 def test_greedy_kv_cache_decode_equals_transformers(family):
-    _, model, _, cfg, params = family
+    name, model, _, cfg, params = family
+    if name not in DECODED:
+        pytest.skip("logits only")
     prompts = TOKENS[:, :40]  # past llama3's original context while decoding
     with torch.no_grad():
         expected = model.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
@@ -102,6 +105,8 @@ def test_greedy_kv_cache_decode_equals_transformers(family):
 
 def test_export_loads_in_transformers_with_equal_logits(family):
     name, model, path, cfg, _ = family
+    if name not in DECODED:
+        pytest.skip("logits only")
     export_hf(path / "ckpt", path / "export", dtype="float32")
     written = json.loads((path / "export" / "config.json").read_text())
     assert written["model_type"] == {"qwen2_tied": "qwen2", "qwen3_head_dim": "qwen3"}.get(name, "llama")
@@ -124,8 +129,8 @@ def test_tied_embedding_gradient_equals_transformers():
     batch = dict(tokens=ids[:, :-1], targets=ids[:, 1:], positions=np.broadcast_to(np.arange(32), (2, 32)),
                  segment_ids=np.ones((2, 32), np.int32), loss_weights=np.ones((2, 32), np.float32))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    ours, grads = jax.value_and_grad(lambda p: lm_loss(cfg, p, batch)[0])(jax.tree.map(jnp.asarray, params))
-    np.testing.assert_allclose(float(ours), float(loss), rtol=1e-5)
+    ours, grads = jax.jit(jax.value_and_grad(lambda p: lm_loss(cfg, p, batch)[0]))(params)
+    np.testing.assert_allclose(float(ours), loss.item(), rtol=1e-5)
     assert "lm_head" not in grads
     np.testing.assert_allclose(np.asarray(grads["embed"])[:VOCAB], expected, atol=1e-5, rtol=0)
 
