@@ -116,7 +116,7 @@ def test_tied_embeddings_stay_one_matrix(tmp_path):
 
     state = load_file(tmp_path / "hf" / "model.safetensors")
     assert "lm_head.weight" not in state  # transformers writes one tensor for both
-    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"]}, tmp_path / "hf" / "model.safetensors",
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, tmp_path / "hf" / "model.safetensors",
               metadata={"format": "pt"})
     convert_to_orbax("hf", tmp_path / "hf", tmp_path / "ckpt", vocab_multiple=cfg.vocab_multiple)
     params = restore(tmp_path / "ckpt", cfg)

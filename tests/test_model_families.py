@@ -6,6 +6,7 @@ lima_jax, give transformers' logits and greedy tokens (KV-cache decode), and its
 export loads in transformers with the same logits. Tied embeddings train as one matrix (the
 embedding's gradient equals transformers'); what the model does not implement is refused."""
 
+import copy
 import json
 
 import jax
@@ -156,3 +157,56 @@ def test_what_the_model_does_not_implement_is_refused(tmp_path, kind, message):
     with pytest.raises(ConversionError, match=message):
         convert_to_orbax("hf", tmp_path / "hf", tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_peft_adapters_land_on_the_right_modules(family):
+    """Adapters exported for PEFT (`--to peft`'s names) on the family's transformers model give
+    our adapted logits: the q/k/v biases and q/k norms sit after the adapted projections."""
+    import peft
+
+    from lima_jax.convert.lora_export import adapter_config, peft_tensors
+
+    name, model, _, cfg, params = family
+    if name not in ("qwen2_tied", "qwen3_head_dim"):
+        pytest.skip("the layer modules are LLaMA's")
+    lora = lora_lib.LoraConfig(rank=2, alpha=4.0, targets=("q", "k", "v", "o", "down"))
+    rng = np.random.default_rng(1)
+    adapters = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32),
+                            lora_lib.abstract_adapters(cfg, lora))
+    settings = adapter_config(lora)
+    adapted = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(  # get_peft_model changes its model
+        r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=settings["target_modules"]))
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in peft_tensors(
+        jax.device_get(adapters), lora, cfg.vocab_size).items()}
+    assert not peft.set_peft_model_state_dict(adapted, state).unexpected_keys
+    base = jax.device_get(params)
+    ours = np.asarray(bind(cfg, lora_lib.attach(base, adapters, lora))(jnp.asarray(TOKENS)))[..., :cfg.vocab_size]
+    expected = hf_logits(adapted.eval(), TOKENS)
+    assert np.abs(expected - hf_logits(model, TOKENS)).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(ours, expected, atol=2e-4, rtol=0)
+
+
+def test_training_takes_the_rope_scaling_of_its_checkpoint(family):
+    from lima_jax.config import adopt_checkpoint_rope, base_config
+
+    name, _, path, cfg, _ = family
+    if name != "llama3_1":
+        pytest.skip("one scaled checkpoint is enough")
+    c = base_config()
+    c.init_checkpoint = str(path / "ckpt")
+    adopt_checkpoint_rope(c)  # the size file leaves the scaling at default: the checkpoint's is taken
+    assert (c.model.rope_type, c.model.rope_factor, c.model.rope_original_max_len) == ("llama3", 8.0, 32)
+    c.model.update(rope_type="linear", rope_factor=8.0)
+    with pytest.raises(ValueError, match=r"config\.model\.rope_type='linear' but config\.init_checkpoint=.* "
+                                         r"was converted with rope_type='llama3'"):
+        adopt_checkpoint_rope(c)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    from lima_jax.model import abstract_params
+    from lima_jax.train.optimizer import decay_mask
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, qkv_bias=True,
+                      qk_norm=True, tied_embeddings=True)
+    attn = decay_mask(abstract_params(cfg))["layers"]["attn"]
+    assert attn["wq"] and not attn["q_bias"] and not attn["v_bias"] and not attn["q_norm"]["scale"]

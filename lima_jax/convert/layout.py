@@ -86,7 +86,7 @@ def _flat(w, c):
 
 
 def _bias(name: str, heads: str) -> Tensor:
-    return Tensor(("layers", "attn", f"b{name}"), f"model.layers.{{i}}.self_attn.{name}_proj.bias", "", None,
+    return Tensor(("layers", "attn", f"{name}_bias"), f"model.layers.{{i}}.self_attn.{name}_proj.bias", "", None,
                   _bias_in(heads), _flat, hf_shape=lambda c: (getattr(c, heads) * c.head_dim,),
                   present=lambda c: c.qkv_bias)
 

@@ -101,9 +101,9 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
         if cfg.qkv_bias:
-            self.bq = param(rngs, (h, hd), ("heads", "head_dim"), pd, init="zeros")
-            self.bk = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
-            self.bv = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), pd, init="zeros")
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg, rngs, hd, "head_dim")
             self.k_norm = RMSNorm(cfg, rngs, hd, "head_dim")
@@ -118,7 +118,7 @@ class Attention(nnx.Module):
         q, k, v = dense(x, tuple(w[...].astype(dt) for w in (self.wq, self.wk, self.wv)),
                         transposed_wgrad=cfg.transposed_wgrad)
         if cfg.qkv_bias:
-            q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+            q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
