@@ -26,11 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
         # None: the backend's choice (lima_jax/backend.py); True/False/a number override it.
         transposed_wgrad=ml_collections.config_dict.placeholder(bool),
         causal_blocks=ml_collections.config_dict.placeholder(int),
-        # Family switches (lima_jax/model/config.py), off for LLaMA; head_dim None: dim / n_heads.
-        head_dim=ml_collections.config_dict.placeholder(int), tied_embeddings=False, qkv_bias=False, qk_norm=False,
-        # RoPE scaling: taken from config.init_checkpoint when it has one (adopt_checkpoint_rope).
-        rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-        rope_original_max_len=8192,
+        # Family switches (lima_jax/model/config.py), off for LLaMA; head_dim None: dim / n_heads. The
+        # RoPE scaling is taken from config.init_checkpoint when it has one (adopt_checkpoint_rope).
+        **{**ModelConfig.family_defaults(), "head_dim": ml_collections.config_dict.placeholder(int)},
     ))
 
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
@@ -98,9 +96,9 @@ def adopt_checkpoint_rope(c: ml_collections.ConfigDict) -> None:
     from lima_jax import checkpoint  # read only when there is a checkpoint to read
 
     saved = checkpoint.read_meta(c.init_checkpoint).model or {}
-    defaults = ModelConfig(vocab_size=1, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=1)
-    theirs = {k: saved.get(k, getattr(defaults, k)) for k in ROPE_SCALING_KEYS}
-    ours = {k: c.model.get(k, getattr(defaults, k)) for k in ROPE_SCALING_KEYS}
+    defaults = ModelConfig.family_defaults()
+    theirs = {k: saved.get(k, defaults[k]) for k in ROPE_SCALING_KEYS}
+    ours = {k: c.model.get(k, defaults[k]) for k in ROPE_SCALING_KEYS}
     if ours["rope_type"] != "default" and ours != theirs:
         key = next(k for k in ROPE_SCALING_KEYS if ours[k] != theirs[k])
         raise ValueError(f"config.model.{key}={ours[key]!r} but config.init_checkpoint={c.init_checkpoint} was "
@@ -157,9 +155,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 # The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
                 "data.examples_per_step", "train.epochs", "optimizer", "lora")
-_FAMILY_DEFAULTS = dict(head_dim=None, tied_embeddings=False, qkv_bias=False, qk_norm=False, rope_type="default",
-                        rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                        rope_original_max_len=8192)
+_FAMILY_DEFAULTS = ModelConfig.family_defaults()
 _MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
 
 

@@ -23,6 +23,7 @@ ROPE_TYPES = ("default", "llama3", "linear")  # transformers' rope_type names th
 # The RoPE scaling fields: a converted checkpoint's own (Llama 3 and 3.1 share shapes, not scaling).
 ROPE_SCALING_KEYS = ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                      "rope_original_max_len")
+FAMILY_KEYS = ("head_dim", "tied_embeddings", "qkv_bias", "qk_norm", *ROPE_SCALING_KEYS)  # off for LLaMA
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 BACKEND_TUNED = ("transposed_wgrad", "causal_blocks")  # None in the config: lima_jax.backend chooses
 
@@ -100,6 +101,11 @@ class ModelConfig:
         chosen = backend.tuning(platform)
         return dataclasses.replace(self, **{name: getattr(chosen, name) for name in BACKEND_TUNED
                                             if getattr(self, name) is None})
+
+    @classmethod
+    def family_defaults(cls) -> dict:
+        """FAMILY_KEYS -> their LLaMA values (what a config or checkpoint without them means)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name in FAMILY_KEYS}
 
     @property
     def padded_vocab_size(self) -> int:
