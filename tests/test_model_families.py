@@ -210,3 +210,21 @@ def test_weight_decay_skips_biases_and_norms():
                       qk_norm=True, tied_embeddings=True)
     attn = decay_mask(abstract_params(cfg))["layers"]["attn"]
     assert attn["wq"] and not attn["q_bias"] and not attn["v_bias"] and not attn["q_norm"]["scale"]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.1 8B / 70B
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.2 1B / 3B
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+], ids=["llama3.1", "llama3.2", "linear"])
+def test_inverse_frequencies_of_the_real_sizes_equal_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lima_jax.model.layers import rope_inv_freq
+
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope)
+    expected, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    cfg = ModelConfig(**read_hf_arch(config.to_dict(), "config.json").fields)
+    np.testing.assert_allclose(rope_inv_freq(cfg), expected.numpy(), rtol=1e-6, atol=0)
