@@ -82,7 +82,7 @@ def write_meta(directory: pathlib.Path, dim, n_layers, n_heads, vocab, shards=2,
     import numpy as np
     import torch
 
-    from lima_jax.convert.layout import LAYOUT, ffn_dim_meta
+    from lima_jax.convert.layout import ffn_dim_meta, layout
     from lima_jax.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
@@ -90,7 +90,7 @@ def write_meta(directory: pathlib.Path, dim, n_layers, n_heads, vocab, shards=2,
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     parts = [{} for _ in range(shards)]
-    for t in LAYOUT:
+    for t in layout(cfg):
         for i in (range(n_layers) if t.per_layer else [None]):
             w = torch.from_numpy(rng.standard_normal(t.hf_shape(cfg), dtype=np.float32) * 0.02)
             pieces = [w] * shards if t.meta_split_dim is None else torch.chunk(w, shards, dim=t.meta_split_dim)
@@ -101,7 +101,7 @@ def write_meta(directory: pathlib.Path, dim, n_layers, n_heads, vocab, shards=2,
     (directory / "params.json").write_text(json.dumps(
         {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "norm_eps": 1e-5, "vocab_size": vocab, "multiple_of": 256}))
     sizes = {}  # name -> (bytes of one tensor as HF stores it, bytes of the whole group); float32
-    for t in LAYOUT:
+    for t in layout(cfg):
         n = 4
         for s in t.hf_shape(cfg):
             n *= s

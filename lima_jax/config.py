@@ -10,7 +10,7 @@ import ml_collections
 from lima_jax.data.chat_format import FORMATS, TRAIN_ON
 from lima_jax.data.pipeline import data_sources
 from lima_jax.errors import ConfigError
-from lima_jax.model.config import ModelConfig
+from lima_jax.model.config import ROPE_SCALING_KEYS, ModelConfig
 from lima_jax.model.lora import LoraConfig
 from lima_jax.sharding import resolve_mesh_shape
 
@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         # None: the backend's choice (lima_jax/backend.py); True/False/a number override it.
         transposed_wgrad=ml_collections.config_dict.placeholder(bool),
         causal_blocks=ml_collections.config_dict.placeholder(int),
+        # Family switches (lima_jax/model/config.py), off for LLaMA; head_dim None: dim / n_heads. The
+        # RoPE scaling is taken from config.init_checkpoint when it has one (adopt_checkpoint_rope).
+        **{**ModelConfig.family_defaults(), "head_dim": ml_collections.config_dict.placeholder(int)},
     ))
 
     # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
@@ -93,6 +96,25 @@ def set_llama(c: ml_collections.ConfigDict, *, dim, n_layers, n_heads, ffn_dim, 
     return c
 
 
+def adopt_checkpoint_rope(c: ml_collections.ConfigDict) -> None:
+    """Set config.model's RoPE scaling to config.init_checkpoint's (a converted Llama 3.1 has
+    llama3 scaling, a Llama 3.0 of the same shapes none). A config that sets a scaling of its
+    own must agree with the checkpoint's."""
+    if not c.get("init_checkpoint"):
+        return
+    from lima_jax import checkpoint  # read only when there is a checkpoint to read
+
+    saved = checkpoint.read_meta_json(c.init_checkpoint).get("model") or {}
+    defaults = ModelConfig.family_defaults()
+    theirs = {k: saved.get(k, defaults[k]) for k in ROPE_SCALING_KEYS}
+    ours = {k: c.model.get(k, defaults[k]) for k in ROPE_SCALING_KEYS}
+    if ours["rope_type"] != "default" and ours != theirs:
+        key = next(k for k in ROPE_SCALING_KEYS if ours[k] != theirs[k])
+        raise ConfigError(f"config.model.{key}={ours[key]!r} but config.init_checkpoint={c.init_checkpoint} was "
+                          f"converted with {key}={theirs[key]!r}: leave the RoPE scaling to the checkpoint")
+    c.model.update(theirs)
+
+
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_config(c.model)
 
@@ -146,12 +168,14 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 # The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
                 "data.examples_per_step", "train.epochs", "optimizer", "lora")
+_FAMILY_DEFAULTS = ModelConfig.family_defaults()
 _MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
 
 
 def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: str) -> dict:
     """The run-defining values of a config (RUN_DEFINING), with the data as content digests."""
-    model = {k: v for k, v in c.model.to_dict().items() if k not in _MODEL_SPEED_KEYS}
+    model = {k: v for k, v in c.model.to_dict().items() if k not in _MODEL_SPEED_KEYS
+             and not (k in _FAMILY_DEFAULTS and v == _FAMILY_DEFAULTS[k])}  # as runs from before the switches
     return {"seed": c.seed, "model": model, "data.train": train_digest, "data.dev": dev_digest,
             "data.sources": sorted(c.data.sources), "data.dev_size": 0 if c.data.dev_path else c.data.dev_size,
             "data.seq_len": c.data.seq_len, "data.examples_per_step": c.data.examples_per_step,

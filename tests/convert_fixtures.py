@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lima_jax import checkpoint
-from lima_jax.convert.layout import LAYOUT, ffn_dim_meta, hf_to_meta_rope
+from lima_jax.convert.layout import ffn_dim_meta, hf_to_meta_rope, layout
 from lima_jax.model import ModelConfig, abstract_params, param_logical_axes
 from lima_jax.sharding import make_mesh, named_shardings
 from tests.conftest import ROOT
@@ -43,7 +43,7 @@ def write_meta(model, cfg: ModelConfig, directory: pathlib.Path, n_shards: int) 
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shards = [{} for _ in range(n_shards)]
-    for t in LAYOUT:
+    for t in layout(cfg):
         for i in (range(cfg.n_layers) if t.per_layer else [None]):
             w = sd[t.hf_name(i)]
             if t.rope_heads:

@@ -7,7 +7,7 @@ import pytest
 
 from lima_jax import checkpoint, model_store
 from lima_jax.convert import convert_to_orbax, export_hf, sources
-from lima_jax.convert.layout import LAYOUT, get_path, params_from_hf
+from lima_jax.convert.layout import get_path, layout, params_from_hf
 from lima_jax.model import ModelConfig, abstract_params
 from tests.convert_fixtures import CONVERT_MHA as MHA, read_safetensors, write_meta
 from tests.references import hf_model
@@ -27,7 +27,7 @@ def largest_tensor_bytes(cfg: ModelConfig) -> int:
     """The biggest single tensor of our layout: one layer of a stacked leaf, or a whole other leaf."""
     abstract = abstract_params(cfg)
     sizes = []
-    for t in LAYOUT:
+    for t in layout(cfg):
         a = get_path(abstract, t.path)
         shape = a.shape[1:] if t.per_layer else a.shape
         sizes.append(int(np.prod(shape)) * np.dtype(a.dtype).itemsize)
@@ -51,7 +51,7 @@ def test_conversion_and_export_move_one_layer_at_a_time(tmp_path, model, monkeyp
 
     monkeypatch.setattr(checkpoint, "save_params_streaming", spy_save)
     convert_to_orbax("meta", src, tmp_path / "ckpt", vocab_multiple=MHA.vocab_multiple)
-    for t in LAYOUT:
+    for t in layout(MHA):
         indices = [i for p, i, _ in seen if p == t.path]
         assert indices == (list(range(MHA.n_layers)) if t.per_layer else [None]), t.path
     assert max(n for *_, n in seen) <= largest_tensor_bytes(MHA)
@@ -66,7 +66,7 @@ def test_conversion_and_export_move_one_layer_at_a_time(tmp_path, model, monkeyp
 
     monkeypatch.setattr(checkpoint.ParamsReader, "read", spy_read)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
-    for t in LAYOUT:
+    for t in layout(MHA):
         indices = sorted((i for p, i, _ in reads if p == t.path), key=str)
         assert indices == (list(range(MHA.n_layers)) if t.per_layer else [None]), t.path
     assert max(n for *_, n in reads) <= largest_tensor_bytes(MHA)
@@ -82,7 +82,7 @@ def test_stacked_leaves_are_chunked_within_a_layer_and_restore_with_orbax(tmp_pa
     reader = checkpoint.ParamsReader(tmp_path / "ckpt")
     assert reader.use_zarr3 and reader.use_ocdbt
     expected = params_from_hf(state_dict, MHA)
-    for t in LAYOUT:
+    for t in layout(MHA):
         array = reader.array(t.path)
         if t.per_layer:
             assert array.chunk_layout.write_chunk.shape[0] == 1, t.path  # one layer per write, per chunk
@@ -113,9 +113,9 @@ def test_meta_source_without_page_out_reopens_and_converts_the_same(tmp_path, mo
     monkeypatch.setattr(sources, "_page_out", lambda start, end: False)  # a kernel without MADV_PAGEOUT
     monkeypatch.setattr(sources.MetaSource, "_open_files", lambda self: opened.append(1) or original(self))
     convert_to_orbax("meta", src, tmp_path / "b", vocab_multiple=MHA.vocab_multiple)
-    assert len(opened) > len(LAYOUT)  # fresh maps per tensor instead of released pages
+    assert len(opened) > len(layout(MHA))  # fresh maps per tensor instead of released pages
     a, b = checkpoint.ParamsReader(tmp_path / "a"), checkpoint.ParamsReader(tmp_path / "b")
-    for t in LAYOUT:
+    for t in layout(MHA):
         np.testing.assert_array_equal(a.read(t.path), b.read(t.path), err_msg=str(t.path))
 
 

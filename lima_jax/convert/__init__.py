@@ -1,7 +1,9 @@
 """Checkpoint conversion: Meta `.pth` / Hugging Face safetensors <-> the model's parameters.
 
-- `layout`: the one key map and per-tensor transforms (Meta, HF, ours).
-- `hf_config`: HF config.json read (RoPE old and new, tied embeddings; refusals) and written.
+- `layout`: the one key map and per-tensor transforms (Meta, HF, ours); `layout(cfg)` is a
+  family's subset (Qwen2 biases, Qwen3 q/k norms, no `lm_head` when tied).
+- `hf_config`: HF config.json per family (llama, mistral, qwen2, qwen3) read (RoPE old and
+  new with llama3/linear scaling, tied embeddings; refusals) and written.
 - `sources`: streaming readers for Meta and HF folders, with the shape/key checks.
 - `tokenizer_files`: the tokenizer (SentencePiece or tokenizer.json) stored with converted
   weights; HF tokenizer files (end-of-turn token, the chat format's template) for an export.

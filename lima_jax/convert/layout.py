@@ -1,9 +1,11 @@
 """The one map between this model's parameters and Meta / Hugging Face tensor names.
 
 Every converter (Meta reader, HF reader, HF writer) and the parity tests go through this
-table, so the layout is written once. Our layout: `embed` [Vp, D], `lm_head` [D, Vp] (vocab
+table (`layout(cfg)`: the entries a config's family switches include), so the layout is
+written once. Our layout: `embed` [Vp, D], `lm_head` [D, Vp] (absent when tied; vocab
 padded to a multiple of `vocab_multiple`), per-layer weights stacked on a leading `layers`
-axis, q/k/v as [D, heads, head_dim], `wo` as [heads, head_dim, D], MLP as [in, out].
+axis, q/k/v as [D, heads, head_dim] (Qwen2's biases [heads, head_dim], Qwen3's q/k norms
+[head_dim]), `wo` as [heads, head_dim, D], MLP as [in, out].
 
 RoPE: the model rotates halves (HF's convention). Meta checkpoints rotate interleaved pairs,
 so Meta's wq/wk rows are permuted once here, exactly as Hugging Face's own converter does.
@@ -28,6 +30,7 @@ class Tensor:
     hf_shape: Callable[[ModelConfig], tuple[int, ...]] = lambda c: ()  # one tensor (one layer) as HF stores it
     rope_heads: str | None = None  # "n_heads" / "n_kv_heads" for Meta's q/k permutation
     vocab_rows: bool = False  # rows are vocabulary entries (EOT growth, padding, trimming)
+    present: Callable[[ModelConfig], bool] = lambda c: True  # whether a model of this config has it
 
     @property
     def per_layer(self) -> bool:
@@ -74,6 +77,25 @@ def _same(w, c):
     return w
 
 
+def _bias_in(n):  # HF [n*hd] -> ours [n, hd]
+    return lambda w, c: w.reshape(getattr(c, n), c.head_dim)
+
+
+def _flat(w, c):
+    return w.reshape(-1)
+
+
+def _bias(name: str, heads: str) -> Tensor:
+    return Tensor(("layers", "attn", f"{name}_bias"), f"model.layers.{{i}}.self_attn.{name}_proj.bias", "", None,
+                  _bias_in(heads), _flat, hf_shape=lambda c: (getattr(c, heads) * c.head_dim,),
+                  present=lambda c: c.qkv_bias)
+
+
+def _qk_norm(name: str) -> Tensor:
+    return Tensor(("layers", "attn", f"{name}_norm", "scale"), f"model.layers.{{i}}.self_attn.{name}_norm.weight", "",
+                  None, _same, _same, hf_shape=lambda c: (c.head_dim,), present=lambda c: c.qk_norm)
+
+
 _D = lambda c: (c.dim,)  # noqa: E731
 _VD = lambda c: (c.vocab_size, c.dim)  # noqa: E731
 
@@ -82,7 +104,8 @@ LAYOUT: tuple[Tensor, ...] = (
            lambda w, c: _pad_vocab(w, c), lambda w, c: w[: c.vocab_size], hf_shape=_VD, vocab_rows=True),
     Tensor(("final_norm", "scale"), "model.norm.weight", "norm.weight", None, _same, _same, hf_shape=_D),
     Tensor(("lm_head",), "lm_head.weight", "output.weight", 0,
-           lambda w, c: _pad_vocab(w, c).T, lambda w, c: w.T[: c.vocab_size], hf_shape=_VD, vocab_rows=True),
+           lambda w, c: _pad_vocab(w, c).T, lambda w, c: w.T[: c.vocab_size], hf_shape=_VD, vocab_rows=True,
+           present=lambda c: not c.tied_embeddings),
     Tensor(("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight",
            "layers.{i}.attention_norm.weight", None, _same, _same, hf_shape=_D),
     Tensor(("layers", "attn", "wq"), "model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", 0,
@@ -93,6 +116,7 @@ LAYOUT: tuple[Tensor, ...] = (
            rope_heads="n_kv_heads"),
     Tensor(("layers", "attn", "wv"), "model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", 0,
            _heads_in("n_kv_heads"), _heads_out("n_kv_heads"), hf_shape=lambda c: (c.n_kv_heads * c.head_dim, c.dim)),
+    _bias("q", "n_heads"), _bias("k", "n_kv_heads"), _bias("v", "n_kv_heads"), _qk_norm("q"), _qk_norm("k"),
     Tensor(("layers", "attn", "wo"), "model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", 1,
            lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.dim),
            lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T, hf_shape=lambda c: (c.dim, c.n_heads * c.head_dim)),
@@ -105,6 +129,13 @@ LAYOUT: tuple[Tensor, ...] = (
     Tensor(("layers", "mlp", "w2"), "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", 1,
            _transpose, _transpose, hf_shape=lambda c: (c.dim, c.ffn_dim)),
 )
+
+
+
+def layout(cfg: ModelConfig) -> tuple[Tensor, ...]:
+    """The LAYOUT entries a model of `cfg` has (biases, q/k norms and an untied head per its switches)."""
+    return tuple(t for t in LAYOUT if t.present(cfg))
+
 
 # Tensors some releases carry that the model does not use (LLaMA-1's precomputed RoPE table;
 # HF's cached rotary inverse frequencies in old exports). Anything else unknown is an error.
@@ -140,7 +171,7 @@ def params_from_hf(state_dict, cfg: ModelConfig, dtype=np.float32) -> dict:
 
     The streaming converter uses the same LAYOUT one tensor at a time instead."""
     params: dict = {}
-    for t in LAYOUT:
+    for t in layout(cfg):
         if t.per_layer:
             value = np.stack([t.to_ours(np.asarray(state_dict[t.hf.format(i=i)]), cfg) for i in range(cfg.n_layers)])
         else:

@@ -15,8 +15,8 @@ Meta: `consolidated.NN.pth` files are model-parallel shards, loaded with
 is the concatenation of its shards on `Tensor.meta_split_dim` (replicated tensors are taken
 from shard 0), then q/k rows are permuted from Meta's interleaved RoPE to HF's rotate-half.
 HF: `safetensors.safe_open` reads single tensors lazily; `model.safetensors.index.json`
-names the shard of each tensor; `config.json` is read by `hf_config` (RoPE parameters old and
-new, tied embeddings: `lm_head` is then read from the embedding).
+names the shard of each tensor; `config.json` is read by `hf_config` (the family, RoPE
+parameters old and new, tied embeddings: an `lm_head.weight` in the files is then ignored).
 
 `tokenizer()` finds the SentencePiece model that ships with the weights: `tokenizer.model` in
 the folder, or (Meta's layout: `llama/tokenizer.model` next to `llama/7B/`) in its parent.
@@ -31,16 +31,14 @@ import numpy as np
 
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import DEFAULT_THETA, read_hf_arch
-from lima_jax.convert.layout import (
-    IGNORED_HF_SUFFIXES,
-    IGNORED_META,
-    LAYOUT,
-    Tensor,
-    ffn_dim_meta,
-)
-from lima_jax.model.config import ModelConfig
+from lima_jax.convert.layout import IGNORED_HF_SUFFIXES, IGNORED_META, Tensor, ffn_dim_meta, layout
+from lima_jax.model.config import ROPE_SCALING_KEYS, ModelConfig
 
-ARCH_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta")
+# The architecture a source fixes and a given config must match; the RoPE scaling (ROPE_KEYS)
+# always comes from the source (Llama 3 and 3.1 share a config but not a scaling).
+ARCH_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
+             "head_dim", "tied_embeddings", "qkv_bias", "qk_norm")
+ROPE_KEYS = ROPE_SCALING_KEYS
 TOKENIZER = "tokenizer.model"
 __all__ = ["ARCH_KEYS", "ConversionError", "HFSource", "MetaSource", "open_source"]
 
@@ -110,7 +108,9 @@ class _Source:
         self._open = None
 
     def arch(self) -> dict:
-        return dict(self._arch)
+        """ARCH_KEYS and ROPE_KEYS of the source (ModelConfig's defaults where it says nothing)."""
+        cfg = _arch_cfg(self._arch)
+        return {k: getattr(cfg, k) for k in ARCH_KEYS + ROPE_KEYS}
 
     def tokenizer(self) -> pathlib.Path | None:
         """The tokenizer shipped with the weights, if any: an HF tokenizer.json, else a tokenizer.model."""
@@ -171,8 +171,9 @@ class MetaSource(_Source):
         where = self.dir / "params.json"
         for field in ("use_scaled_rope", "rope_scaling"):  # LLaMA 3.1's scaled RoPE
             if p.get(field):
-                raise ConversionError(f"{where}: {field}={p[field]!r}; the model implements plain RoPE only, "
-                                      "so converting it would change the model's outputs")
+                raise ConversionError(f"{where}: {field}={p[field]!r}: Meta's scaled RoPE is not read from the "
+                                      "original/ folder; convert the Hugging Face folder (config.json, "
+                                      "*.safetensors, tokenizer.json) with --source hf")
         try:
             dim, n_heads = int(p["dim"]), int(p["n_heads"])
             arch = dict(vocab_size=int(p.get("vocab_size", -1)), dim=dim, n_layers=int(p["n_layers"]), n_heads=n_heads,
@@ -192,7 +193,7 @@ class MetaSource(_Source):
 
     def check(self, cfg: ModelConfig) -> None:
         """Shard shapes agree, merged shapes match params.json, no unknown keys."""
-        expected = {t.meta_name(i): (t, i) for t in LAYOUT for i in t.layers(cfg)}
+        expected = {t.meta_name(i): (t, i) for t in layout(cfg) for i in t.layers(cfg)}
         with self.opened():
             for f, sd in zip(self.files, self._open):
                 unknown = sorted(k for k in sd if k not in expected and k not in IGNORED_META)
@@ -268,15 +269,8 @@ class HFSource(_Source):
 
     def _read_arch(self, c: dict) -> dict:
         arch = read_hf_arch(c, str(self.dir / self.arch_file))
-        self.tied = arch.tied
+        self.sliding_window = arch.sliding_window
         return arch.fields
-
-    def _stored_name(self, entry: Tensor, layer: int | None) -> str:
-        """The file's tensor for `entry`: with tied embeddings, lm_head is the embedding (copied
-        into our separate lm_head; an lm_head.weight in the files, if any, is ignored)."""
-        if self.tied and entry.path == ("lm_head",):
-            return next(t for t in LAYOUT if t.path == ("embed",)).hf_name()
-        return entry.hf_name(layer)
 
     def _open_files(self):
         from safetensors import safe_open
@@ -284,8 +278,8 @@ class HFSource(_Source):
         return {f: safe_open(f, framework="pt") for f in sorted(set(self.where.values()))}
 
     def check(self, cfg: ModelConfig) -> None:
-        expected = {self._stored_name(t, i): t for t in LAYOUT for i in t.layers(cfg)}
-        ignored = {"lm_head.weight"} if self.tied else set()
+        expected = {t.hf_name(i): t for t in layout(cfg) for i in t.layers(cfg)}
+        ignored = {"lm_head.weight"} if cfg.tied_embeddings else set()  # older saves keep the tied copy
         unknown = sorted(k for k in self.where
                          if k not in expected and k not in ignored and not k.endswith(IGNORED_HF_SUFFIXES))
         if unknown:
@@ -303,7 +297,7 @@ class HFSource(_Source):
     def _read(self, entry, layer):
         from safetensors import safe_open
 
-        name = self._stored_name(entry, layer)
+        name = entry.hf_name(layer)
         with safe_open(self.where[name], framework="pt") as h:  # its own map, gone after this tensor
             return _to_numpy(h.get_tensor(name))
 

@@ -1,6 +1,6 @@
 """Orbax checkpoint (converted or trained) -> Hugging Face folder, one tensor at a time.
 
-Writes `config.json` (LlamaForCausalLM), `generation_config.json`, safetensors shards with
+Writes `config.json` (the model's family: llama, qwen2 or qwen3), `generation_config.json`, safetensors shards with
 `model.safetensors.index.json` and the tokenizer files (`tokenizer_files`: the checkpoint's
 stored tokenizer by default, of its kind, with the chat template of the checkpoint's chat
 format). Vocabulary padding is trimmed (the EOT row stays: vocab 32,001). A fine-tuned model's
@@ -22,7 +22,7 @@ import numpy as np
 from lima_jax import model_store
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, EOS_ID, stop_ids, write_hf_config
-from lima_jax.convert.layout import LAYOUT, get_path
+from lima_jax.convert.layout import get_path, layout
 from lima_jax.convert.safetensors_stream import SafetensorsStream
 from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.tokenizer_files import hf_tokenizer_files
@@ -47,8 +47,8 @@ def generation_config(eot_id: int | None, bos_id: int | None = BOS_ID, eos_id: i
 def export_order(cfg: ModelConfig) -> list[tuple]:
     """(LAYOUT entry, layer) in the order HF folders keep them: embedding, then layer by layer, then
     the final norm and the head (so each safetensors shard holds whole, consecutive layers)."""
-    outside = [t for t in LAYOUT if not t.per_layer]
-    stacked = [t for t in LAYOUT if t.per_layer]
+    outside = [t for t in layout(cfg) if not t.per_layer]
+    stacked = [t for t in layout(cfg) if t.per_layer]
     first = [(t, None) for t in outside if t.path == ("embed",)]
     last = [(t, None) for t in outside if t.path != ("embed",)]
     return first + [(t, i) for i in range(cfg.n_layers) for t in stacked] + last
@@ -91,7 +91,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
     bound_heap()
     reader = model_store.params_reader(checkpoint_path, meta)
     abstract = abstract_params(cfg)
-    for entry in LAYOUT:  # the checkpoint holds what its meta says, before anything is written
+    for entry in layout(cfg):  # the checkpoint holds what its meta says, before anything is written
         stored, spec = reader.array(entry.path), get_path(abstract, entry.path)
         if tuple(stored.shape) != tuple(spec.shape):
             raise ConversionError(f"{checkpoint_path}: params {'.'.join(entry.path)} is {tuple(stored.shape)}, "

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from lima_jax import checkpoint, model_store, storage
-from lima_jax.convert.layout import LAYOUT, get_path, mean_row
+from lima_jax.convert.layout import get_path, layout, mean_row
 from lima_jax.convert.safety import check_output_location
 from lima_jax.convert.sources import ARCH_KEYS, ConversionError, open_source
 from lima_jax.convert.tokenizer_files import find_source_tokenizer
@@ -32,8 +32,9 @@ PARAM_DTYPES = ("float32", "bfloat16")
 
 def target_config(arch: dict, *, config: ModelConfig | None = None, add_eot: bool = False,
                   vocab_multiple: int | None = None, param_dtype: str | None = None, arch_file: str = "") -> ModelConfig:
-    """The model config of the converted checkpoint: the source's architecture (plus EOT),
-    checked against `config` when given (which then supplies the non-architecture fields)."""
+    """The model config of the converted checkpoint: the source's architecture (plus EOT) and
+    RoPE scaling, the architecture checked against `config` when given (which then supplies
+    the non-architecture fields)."""
     arch = dict(arch, vocab_size=arch["vocab_size"] + (1 if add_eot else 0))
     if config is not None:
         for key in ARCH_KEYS:
@@ -55,6 +56,15 @@ def target_config(arch: dict, *, config: ModelConfig | None = None, add_eot: boo
             raise ConversionError(f"--param_dtype={param_dtype!r}; choose one of {PARAM_DTYPES}")
         fields["param_dtype"] = param_dtype
     return ModelConfig(**fields)
+
+
+def check_window(window: int | None, cfg: ModelConfig, where: str) -> None:
+    """A sliding window no shorter than the context is full attention (Mistral as LLaMA); a
+    shorter one would change the model's outputs."""
+    if window is not None and window < cfg.max_seq_len:
+        raise ConversionError(f"{where}: sliding_window={window} is shorter than the context "
+                              f"(model.max_seq_len={cfg.max_seq_len}); the model attends over the whole context, "
+                              f"so convert with a config whose model.max_seq_len is at most {window}")
 
 
 def iter_leaves(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | None = None):
@@ -96,7 +106,7 @@ def iter_leaves(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | No
             return_freed_memory()
 
     with source.opened():  # each leaf's slices are consumed before the next leaf is asked for
-        for entry in LAYOUT:
+        for entry in layout(cfg):
             spec = get_path(abstract, entry.path)
             yield entry.path, spec, (per_layer(entry, spec) if entry.per_layer else whole(entry))
             return_freed_memory()
@@ -132,6 +142,7 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
         cfg = target_config(arch, config=config, add_eot=add_eot, vocab_multiple=vocab_multiple,
                             param_dtype=param_dtype or (None if config is not None else "float32"),
                             arch_file=str(src.dir / src.arch_file))
+        check_window(getattr(src, "sliding_window", None), cfg, str(src.dir / src.arch_file))
         src.check(ModelConfig(**arch, vocab_multiple=1))
         eot_id = arch["vocab_size"] if add_eot else None if tok is None or tok.eot_added else tok.eot_id
         meta = model_store.CheckpointMeta(

@@ -19,6 +19,11 @@ import jax.numpy as jnp
 from lima_jax import backend
 
 REMAT_POLICIES = ("none", "full", "dots")
+ROPE_TYPES = ("default", "llama3", "linear")  # transformers' rope_type names the model implements
+# The RoPE scaling fields: a converted checkpoint's own (Llama 3 and 3.1 share shapes, not scaling).
+ROPE_SCALING_KEYS = ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_original_max_len")
+FAMILY_KEYS = ("head_dim", "tied_embeddings", "qkv_bias", "qk_norm", *ROPE_SCALING_KEYS)  # off for LLaMA
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 BACKEND_TUNED = ("transposed_wgrad", "causal_blocks")  # None in the config: lima_jax.backend chooses
 
@@ -44,12 +49,35 @@ class ModelConfig:
     logits_chunks: int = 4  # hidden states are cut in this many pieces for the loss
     transposed_wgrad: bool | None = None  # weight gradients read a transposed copy (model/dense.py); None: backend's
     causal_blocks: int | None = None  # query blocks of causal xla attention (model/attention.py); None: backend's
+    # Family switches (a family is these plus a conversion mapping; all off for LLaMA):
+    head_dim: int | None = None  # None: dim / n_heads; Qwen3's small sizes set it explicitly
+    tied_embeddings: bool = False  # the output head is the embedding's transpose (Qwen2.5 small, Llama 3.2)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    # RoPE scaling as transformers computes the inverse frequencies (`rope_parameters`):
+    rope_type: str = "default"  # "llama3" (Llama 3.1+), "linear"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not a multiple of model.n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"model.dim={self.dim} is not a multiple of model.n_heads={self.n_heads}; "
+                                 "set model.head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)  # stored: checkpoints record it
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE rotates halves)")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"model.rope_type={self.rope_type!r}; choose one of {ROPE_TYPES}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"model.rope_factor={self.rope_factor!r} must be > 0")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                             f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
@@ -74,9 +102,10 @@ class ModelConfig:
         return dataclasses.replace(self, **{name: getattr(chosen, name) for name in BACKEND_TUNED
                                             if getattr(self, name) is None})
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    @classmethod
+    def family_defaults(cls) -> dict:
+        """FAMILY_KEYS -> their LLaMA values (what a config or checkpoint without them means)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name in FAMILY_KEYS}
 
     @property
     def padded_vocab_size(self) -> int:

@@ -6,12 +6,14 @@ from lima_jax.model.config import ModelConfig
 
 
 def param_count(cfg: ModelConfig, padded: bool = False) -> int:
-    """All parameters (embedding and output head included), as LLaMA's paper counts them."""
+    """All parameters (embedding and output head included, once when tied), as LLaMA's paper
+    counts them."""
     v = cfg.padded_vocab_size if padded else cfg.vocab_size
     d, hd = cfg.dim, cfg.head_dim
     attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    attn += hd * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.qkv_bias + 2 * hd * cfg.qk_norm
     per_layer = attn + 3 * d * cfg.ffn_dim + 2 * d
-    return 2 * v * d + d + cfg.n_layers * per_layer
+    return (1 if cfg.tied_embeddings else 2) * v * d + d + cfg.n_layers * per_layer
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, lora=None) -> float:
@@ -23,7 +25,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lora=None) -> float:
     gradients, no weight gradients), the adapters 6 x their parameters; an adapted head is
     merged into one matrix whose gradient is taken, so it stays at 6 x."""
     head = cfg.vocab_size * cfg.dim
-    matmul_params = param_count(cfg) - head  # the embedding lookup is no matmul
+    matmul_params = param_count(cfg) - (0 if cfg.tied_embeddings else head)  # the embedding lookup is no matmul
     attention = 12.0 * cfg.n_layers * cfg.dim * seq_len
     if lora is None:
         return 6.0 * matmul_params + attention

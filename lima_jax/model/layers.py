@@ -1,4 +1,5 @@
-"""The LLaMA building blocks: RMSNorm, rotary embeddings, attention and the SwiGLU MLP.
+"""The LLaMA building blocks: RMSNorm, rotary embeddings, attention and the SwiGLU MLP, with
+the family switches of ModelConfig (RoPE scaling, q/k/v biases, q/k norms, explicit head_dim).
 
 Weights are stored in `param_dtype` and cast to the compute `dtype` at use; norms, RoPE and
 softmax run in float32. Every parameter carries logical axis names (see lima_jax.sharding).
@@ -25,17 +26,19 @@ INIT_STD = 0.02  # Hugging Face LlamaConfig.initializer_range
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: jnp.dtype,
           init: str = "normal") -> nnx.Param:
     """A parameter with logical axis names; placement is decided later from the names."""
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
+    if init in ("ones", "zeros"):
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """Over the model's width, or (`size`, `axis`) over each head's head_dim (Qwen3's q/k norms)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, size: int | None = None, axis: str = "norm"):
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.dim,), ("norm",), cfg.weight_dtype, init="ones")
+        self.scale = param(rngs, (size or cfg.dim,), (axis,), cfg.weight_dtype, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -43,7 +46,27 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_position: int) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies [head_dim / 2] in float32, as transformers computes them
+    for `rope_type` default, linear (all divided by the factor) and llama3 (Llama 3.1: long
+    wavelengths divided by the factor, short ones kept, a smooth blend between)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))
+    if cfg.rope_type == "linear":
+        return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_type != "llama3":
+        return inv_freq
+    factor, low, high = (np.float32(v) for v in (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor))
+    old = np.float32(cfg.rope_original_max_len)
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig, max_position: int) -> tuple[jax.Array, jax.Array]:
     """(sin, cos), each [batch, seq, 1, head_dim / 2] in float32, for integer `positions` in
     [0, max_position).
 
@@ -52,8 +75,7 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_position:
     on the device, XLA fuses sin and cos into every consumer and evaluates them per element of
     q and k, once per head. Float32 angles, as Hugging Face computes them. A position outside
     the table reads NaN (`jnp.take`'s fill)."""
-    inv_freq = 1.0 / np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
-    angles = np.arange(max_position, dtype=np.float32)[:, None] * inv_freq
+    angles = np.arange(max_position, dtype=np.float32)[:, None] * rope_inv_freq(cfg)
     return tuple(jnp.take(jnp.asarray(f(angles)), positions, axis=0)[:, :, None] for f in (np.sin, np.cos))
 
 
@@ -78,6 +100,13 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), pd, init="zeros")
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg, rngs, hd, "head_dim")
+            self.k_norm = RMSNorm(cfg, rngs, hd, "head_dim")
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: AttentionMask,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -88,6 +117,10 @@ class Attention(nnx.Module):
         dt = cfg.compute_dtype
         q, k, v = dense(x, tuple(w[...].astype(dt) for w in (self.wq, self.wk, self.wv)),
                         transposed_wgrad=cfg.transposed_wgrad)
+        if cfg.qkv_bias:
+            q, k, v = (y + b[...].astype(dt) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q.transpose(0, 2, 1, 3), "batch", "act_heads", "length", None)
         k = constrain(k.transpose(0, 2, 1, 3), "batch", "act_kv_heads", "length", None)

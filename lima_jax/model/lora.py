@@ -129,6 +129,9 @@ def adapter_shapes(cfg: ModelConfig, lora: LoraConfig) -> dict[str, tuple[tuple[
     """target -> (a shape, b shape); a layer matrix's keep the leading layers axis."""
     from lima_jax.model.transformer import abstract_params  # the base's shapes, written once there
 
+    if HEAD in lora.targets and cfg.tied_embeddings:
+        raise ValueError("config.lora.targets includes 'head', but the model ties its output head to the embedding "
+                         "(model.tied_embeddings): drop 'head' from config.lora.targets")
     base = abstract_params(cfg)
     out = {}
     for name in lora.targets:

@@ -1,4 +1,5 @@
-"""The LLaMA decoder: embedding, a scanned stack of blocks, final norm, untied output head.
+"""The LLaMA decoder: embedding, a scanned stack of blocks, final norm, output head (its own
+matrix, or the embedding's transpose with `tied_embeddings`).
 
 Why Flax NNX: it is what current Flax recommends for new code, modules are plain Python
 objects (easy to read, like nanoGPT), and `nnx.split` / `nnx.merge` give a pure
@@ -80,7 +81,8 @@ class Llama(nnx.Module):
 
         self.layers = make_layers(rngs.split(cfg.n_layers))
         self.final_norm = RMSNorm(cfg, rngs)
-        self.lm_head = param(rngs, (d, vp), ("embed", "vocab"), pd)
+        if not cfg.tied_embeddings:
+            self.lm_head = param(rngs, (d, vp), ("embed", "vocab"), pd)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                dropout_key: jax.Array | None = None, cache: Cache | None = None,
@@ -98,7 +100,7 @@ class Llama(nnx.Module):
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), "batch", "length", "act_embed")
         # positions < max_seq_len in training; a sampler may run past it (it warns), up to its cache
         longest = max(cfg.max_seq_len, tokens.shape[1], 0 if cache is None else cache["segment_ids"].shape[1])
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, longest)
+        rope = rope_tables(positions, cfg, longest)
         if cache is None:
             x, _ = self._blocks(x, rope, AttentionMask.packed(segment_ids), dropout_key)
             return self.final_norm(x), None
@@ -134,7 +136,8 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., padded vocab] in float32; padding rows of the vocab get -inf-like."""
-        return output_logits(self.cfg, self.lm_head[...], hidden)
+        head = self.embed[...].T if self.cfg.tied_embeddings else self.lm_head[...]
+        return output_logits(self.cfg, head, hidden)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  dropout_key: jax.Array | None = None) -> jax.Array:
@@ -144,6 +147,12 @@ class Llama(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key)[0])
+
+
+def head_weight(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The output head [D, Vp] of a params dict: `lm_head`, or the embedding's transpose when tied
+    (gradients through it reach the one embedding)."""
+    return params["embed"].T if cfg.tied_embeddings else params["lm_head"]
 
 
 def output_logits(cfg: ModelConfig, lm_head: jax.Array, hidden: jax.Array) -> jax.Array:

@@ -82,6 +82,7 @@ def prepare(config, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
     if not config.data.train_path and not config.data.get("mixture"):
         raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
+    config_lib.adopt_checkpoint_rope(config)  # the converted weights' RoPE scaling, not the size file's
     model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lima_jax.model import bind, output_logits
+from lima_jax.model import bind, head_weight, output_logits
 
 
 def _split(x, n):  # [B, S, ...] -> [n, B, S/n, ...], keeping the batch axis (and its sharding)
@@ -92,7 +92,7 @@ def lm_loss(cfg, params, batch, dropout_key=None):
     """
     model = bind(cfg, params)
     hidden, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key)
-    total = cross_entropy_sum(cfg, params["lm_head"], hidden, batch["targets"], batch["loss_weights"], cfg.logits_chunks)
+    total = cross_entropy_sum(cfg, head_weight(cfg, params), hidden, batch["targets"], batch["loss_weights"], cfg.logits_chunks)
     count = jnp.sum(batch["loss_weights"].astype(jnp.float32))
     return total / jnp.maximum(count, 1.0), (total, count)
 

@@ -2,7 +2,8 @@
 
 Weight decay applies to the matrices (projections, MLP, embedding and output head), not to
 the RMSNorm scales: decaying a norm's gain toward 0 shrinks the layer's output rather than
-regularising it, the usual choice for LLaMA fine-tuning (and HF Trainer's default for norms).
+regularising it, the usual choice for LLaMA fine-tuning (and HF Trainer's default for norms);
+nor to Qwen2's q/k/v biases (HF Trainer's default for biases).
 """
 
 import jax
@@ -19,10 +20,10 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for every parameter but the norm scales (found by name: stacked per-layer scales
-    are [layers, dim], so shape alone would not tell them from matrices)."""
+    """True for every parameter but the norm scales and biases (found by name: stacked per-layer
+    scales are [layers, dim], so shape alone would not tell them from matrices)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
+        lambda path, _: not any(w in str(getattr(k, "key", k)) for k in path for w in ("norm", "bias")), params)
 
 
 def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
