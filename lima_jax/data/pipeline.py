@@ -162,8 +162,8 @@ class Plan:
     @property
     def shapes(self) -> tuple[int, ...]:
         """The rows of every compiled step shape, smallest first; the largest is `rows_per_step`."""
-        top = max(self.rows_per_step, self.rows_needed)
-        return (*sorted({b for b in self.buckets if b < top}), top)
+        top = max(self.rows_per_step, self.rows_needed)  # the last bucket's rows, as laid out
+        return (*sorted({b for b in self.buckets[:-1] if b < top}), top)
 
     def rows_for(self, needed: int) -> int:
         """The rows of the smallest step shape that holds a packing of `needed` rows."""

@@ -71,7 +71,8 @@ def batch_layout_for(config, model_cfg: ModelConfig, rows_needed: int, devices) 
 
 
 def bucket_rows(layout: BatchLayout, buckets) -> tuple[int, ...]:
-    """The rows of each of the plan's buckets laid out like the largest (`layout`): rounded up to
-    a multiple of its row shards x micro-batches, so every step shape runs on the same mesh."""
+    """The rows of the plan's buckets (rows needed, the largest last) as laid out: the largest is
+    `layout.rows`, the others are rounded up to a multiple of its row shards x micro-batches, so
+    every step shape runs on the same mesh."""
     unit = layout.row_shards * layout.grad_accum_steps
-    return tuple(sorted({min(-(-b // unit) * unit, layout.rows) for b in buckets} | {layout.rows}))
+    return tuple(sorted({min(-(-b // unit) * unit, layout.rows) for b in buckets[:-1]} | {layout.rows}))
