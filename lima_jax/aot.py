@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from lima_jax import config as config_lib
 from lima_jax.model import abstract_params, flops_per_token, param_logical_axes
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
-from lima_jax.train.program import batch_layout_for, build_program
+from lima_jax.train.program import batch_layout_for, bucket_rows, build_program
 
 GiB = 1 << 30
 
@@ -68,17 +68,19 @@ def topology_devices(name: str, num_slices: int = 1):
     return chip, topologies.get_topology_desc(**kwargs).devices
 
 
-def rows_needed(config) -> tuple[int, str]:
-    """(rows the fullest step's packing needs, where that figure comes from): the plan of the
-    configured data when `data.train_path` is set, else one example a row, the most a step of
-    `examples_per_step` examples can need."""
+def rows_needed(config) -> tuple[tuple[int, ...], str]:
+    """(the rows of each bucket's packing, the fullest step's last; where they come from): the
+    plan of the configured data when `data.train_path` is set, else one example a row, the most
+    a step of `examples_per_step` examples can need."""
     if not config.data.train_path:
-        return config.data.examples_per_step, "one example a row (no data.train_path: the most a step can need)"
+        return (config.data.examples_per_step,), "one example a row (no data.train_path: the most a step can need)"
     from lima_jax.data import pipeline
 
     data = pipeline.load_data(config.data, config.seed)
-    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
-    return plan.rows_needed, f"the plan of {config.data.train_path} ({plan.total_steps} steps)"
+    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs, config.data.grouping,
+                              config.data.row_buckets)
+    return plan.buckets, (f"the plan of {config.data.train_path} ({plan.total_steps} steps, {plan.grouping} "
+                          f"grouping: {plan.describe_rows()}, {100 * plan.efficiency:.1f}% real tokens)")
 
 
 def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
@@ -86,15 +88,16 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
     batch layout); returns the memory/FLOPs report (raises when the compiler finds no fit)."""
     chip, devices = topology_devices(topology, num_slices)
     model_cfg = config_lib.validate(config, len(devices), num_slices)
-    needed, why = rows_needed(config)
-    layout = batch_layout_for(config, model_cfg, needed, devices)
+    buckets, why = rows_needed(config)
+    layout = batch_layout_for(config, model_cfg, buckets[-1], devices)
     mesh = make_mesh(config.mesh, devices, context=layout.context)
     program = build_program(config, model_cfg, mesh, total_steps=1000)
-    seq = config.data.seq_len
-    with jax.set_mesh(mesh):
-        compiled = program.train_step.lower(*program.abstract_args(layout.rows, seq)).compile()
-    return dict(report(compiled, chip, devices), step="train", topology=topology, num_slices=num_slices,
-                mesh=dict(mesh.shape), rows=layout.rows, seq_len=seq, remat_policy=model_cfg.remat_policy,
+    seq, shapes = config.data.seq_len, bucket_rows(layout, buckets)
+    with jax.set_mesh(mesh):  # every step shape the run compiles; the report is the largest's
+        reports = [report(program.train_step.lower(*program.abstract_args(rows, seq)).compile(), chip, devices)
+                   for rows in shapes]
+    return dict(max(reports, key=lambda r: r["total_gib"]), step="train", topology=topology, num_slices=num_slices,
+                mesh=dict(mesh.shape), rows=layout.rows, shapes=shapes, seq_len=seq, remat_policy=model_cfg.remat_policy,
                 attention=model_cfg.attention, layout=layout.describe(seq), rows_from=why,
                 model_flops_per_step=flops_per_token(model_cfg, seq, program.lora) * layout.rows * seq)
 
@@ -159,6 +162,8 @@ def format_report(r: dict) -> str:
         f"{r['rows']} rows x {r['seq_len']} tokens, remat={r['remat_policy']}, attention={r['attention']} "
         f"({r['pallas_kernels']} Pallas kernel calls in the program)",
         *([f"batch: {r['layout']}; rows: {r['rows_from']}"] if "layout" in r else []),
+        *([f"step shapes compiled: {', '.join(f'{n} rows' for n in r['shapes'])} (memory: the largest)"]
+          if len(r.get("shapes", ())) > 1 else []),
         f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
         f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
         f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",

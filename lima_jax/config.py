@@ -8,7 +8,7 @@ anything is compiled, so a config that cannot work fails with a message naming t
 import ml_collections
 
 from lima_jax.data.chat_format import FORMATS, TRAIN_ON
-from lima_jax.data.pipeline import data_sources
+from lima_jax.data.pipeline import GROUPINGS, data_sources
 from lima_jax.errors import ConfigError
 from lima_jax.model.config import ROPE_SCALING_KEYS, ModelConfig
 from lima_jax.model.lora import LoraConfig
@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
         mixture=(),
         chat_format="lima",  # lima | llama3 | chatml (lima_jax/data/chat_format.py); recorded in checkpoints
         train_on="all",  # all: every assistant turn trains (LIMA's dialogues); last: the final one only
+        # How the shuffled epochs' examples are dealt into steps: "balanced" (swaps a few examples between
+        # the steps of an epoch so every step needs about the same rows) or "random" (the shuffle's order).
+        grouping="balanced",
+        row_buckets=1,  # compiled step shapes (1-3): each step takes the fewest rows of them that hold it
     ))
 
     # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
@@ -146,6 +150,14 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
     if rows > 0 and rows % c.train.grad_accum_steps:
         raise ConfigError(f"config.train.grad_accum_steps={c.train.grad_accum_steps} does not divide "
                           f"config.data.rows_per_step={rows}")
+    grouping, buckets = c.data.get("grouping", "random"), c.data.get("row_buckets", 1)
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"config.data.grouping={grouping!r}: one of {list(GROUPINGS)}")
+    if isinstance(buckets, bool) or buckets not in (1, 2, 3):
+        raise ConfigError(f"config.data.row_buckets={buckets!r}: 1, 2 or 3 compiled step shapes")
+    if buckets > 1 and rows > 0:
+        raise ConfigError(f"config.data.row_buckets={buckets} needs config.data.rows_per_step=-1 (the plan sizes "
+                          f"the buckets), not {rows}")
     if c.data.seq_len > c.model.max_seq_len:
         raise ConfigError(f"config.data.seq_len={c.data.seq_len} is longer than config.model.max_seq_len="
                           f"{c.model.max_seq_len}, the context the model's positions cover")
@@ -167,7 +179,7 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 # What defines a run: a resume must match these (or list them in config.train.accept_changed).
 # The mesh, rows a step, micro-batches and speed settings may change: the steps stay the same.
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
-                "data.examples_per_step", "train.epochs", "optimizer", "lora")
+                "data.examples_per_step", "data.grouping", "train.epochs", "optimizer", "lora")
 _FAMILY_DEFAULTS = ModelConfig.family_defaults()
 _MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
 
@@ -179,7 +191,14 @@ def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: st
     return {"seed": c.seed, "model": model, "data.train": train_digest, "data.dev": dev_digest,
             "data.sources": sorted(c.data.sources), "data.dev_size": 0 if c.data.dev_path else c.data.dev_size,
             "data.seq_len": c.data.seq_len, "data.examples_per_step": c.data.examples_per_step,
-            "train.epochs": c.train.epochs, "optimizer": c.optimizer.to_dict(), **lora_identity(c)}
+            "train.epochs": c.train.epochs, "optimizer": c.optimizer.to_dict(), **grouping_identity(c), **lora_identity(c)}
+
+
+def grouping_identity(c: ml_collections.ConfigDict) -> dict:
+    """Which examples share a step: absent for "random" (as before `data.grouping` existed), so a
+    run started before it resumes with --config.data.grouping=random and is refused without."""
+    grouping = c.data.get("grouping", "random")
+    return {} if grouping == "random" else {"data.grouping": grouping}
 
 
 def lora_identity(c: ml_collections.ConfigDict) -> dict:

@@ -31,6 +31,7 @@ Trainer entry points: load_data -> make_plan (steps, rows the packing needs) -> 
 import collections
 import dataclasses
 import hashlib
+import itertools
 import zlib
 
 import grain
@@ -45,6 +46,7 @@ from lima_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lima_jax.errors import ConfigError
 from lima_jax.sharding import logical_to_spec
 
+GROUPINGS = ("random", "balanced")  # config.data.grouping: see the module docstring
 FEATURES = ("tokens", "targets", "loss_weights", "positions", "segment_ids")
 # No prefetch threads: the data is tiny and Grain's thread prefetch costs more than it saves.
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -146,6 +148,9 @@ class Plan:
     rows_per_step: int = 0
     examples: int = 0  # examples over the run (all epochs)
     by_source: tuple[tuple[str, int], ...] = ()  # a mixture's examples over the run, by source
+    grouping: str = "random"  # how the epochs' examples are dealt into steps (GROUPINGS)
+    step_rows: tuple[int, ...] = ()  # the rows each step's packing needs
+    buckets: tuple[int, ...] = ()  # the row counts steps are compiled for, smallest first (the last: rows_per_step)
 
     @property
     def steps_per_epoch(self) -> float:
@@ -156,9 +161,25 @@ class Plan:
         return self.examples - (self.total_steps - 1) * self.examples_per_step
 
     @property
+    def shapes(self) -> tuple[int, ...]:
+        """The rows of every compiled step shape, smallest first; the largest is `rows_per_step`."""
+        top = max(self.rows_per_step, self.rows_needed)  # the last bucket's rows, as laid out
+        return (*sorted({b for b in self.buckets[:-1] if b < top}), top)
+
+    def rows_for(self, needed: int) -> int:
+        """The rows of the smallest step shape that holds a packing of `needed` rows."""
+        return min(b for b in self.shapes if b >= needed)
+
+    @property
     def efficiency(self) -> float:
         """Real tokens / token slots of all steps' rows."""
-        return self.real_tokens / (self.total_steps * max(self.rows_per_step, self.rows_needed) * self.seq_len)
+        slots = sum(map(self.rows_for, self.step_rows)) if self.step_rows else self.total_steps * self.shapes[-1]
+        return self.real_tokens / (slots * self.seq_len)
+
+    def describe_rows(self) -> str:
+        """Steps by their rows: "11 rows x 446 steps" (one shape) or a count for each bucket."""
+        counts = collections.Counter(map(self.rows_for, self.step_rows))
+        return ", ".join(f"{rows} rows x {counts[rows]} steps" for rows in self.shapes)
 
     def describe_sources(self) -> str:
         """A mixture's examples over the run by source, with their shares ("" without a mixture)."""
@@ -238,12 +259,13 @@ def pack_batch(examples: list[dict], rows: int, seq_len: int) -> dict:
     return out
 
 
-def _examples(data: LimaData, epochs: int) -> grain.MapDataset:
-    """Every example the run trains on, in order: one train_path's shuffled epochs back to back,
-    or a mixture's sources interleaved by weight (see the module docstring)."""
+def _indices(data: LimaData, epochs: int) -> grain.MapDataset:
+    """The index in `data.train` of every example the run trains on, in order: one train_path's
+    shuffled epochs back to back, or a mixture's sources interleaved by weight (see the module
+    docstring)."""
     if not data.mixed:
-        return grain.MapDataset.source(data.train).shuffle(seed=derive_seed(data.seed, "data/shuffle")).repeat(epochs)
-    parts = [[e for e in data.train if e["origin"] == i] for i in range(len(data.inputs))]
+        return grain.MapDataset.range(len(data.train)).shuffle(seed=derive_seed(data.seed, "data/shuffle")).repeat(epochs)
+    parts = [[i for i, e in enumerate(data.train) if e["origin"] == k] for k in range(len(data.inputs))]
     weights = [src.weight for src in data.inputs]
     shares = [w / sum(weights) for w in weights]
     total = round(len(parts[0]) / shares[0]) * epochs
@@ -254,20 +276,100 @@ def _examples(data: LimaData, epochs: int) -> grain.MapDataset:
     return grain.MapDataset.mix(streams, weights)[:total]
 
 
-def _step_groups(data: LimaData, epochs: int, examples_per_step: int) -> grain.MapDataset:
+def _examples(data: LimaData, epochs: int) -> grain.MapDataset:
+    """Every example the run trains on, in the random order (`_indices`)."""
+    return _indices(data, epochs).map(lambda i: data.train[i])
+
+
+def balance_groups(order: np.ndarray, lengths: np.ndarray, epochs: int, examples_per_step: int,
+                   seq_len: int) -> np.ndarray:
+    """`order` (indices into `lengths`, the run's epochs back to back) with examples swapped
+    between the steps of the same epoch until every step's packing needs at most the rows of
+    the mean step (rounded up), where swaps can get there: each epoch stays a permutation and
+    most steps keep the examples the shuffle gave them (only the fullest steps trade a long
+    example for a shorter one of the emptiest steps)."""
+    order, k = np.array(order), examples_per_step
+    per_epoch, steps = len(order) // epochs, -(-len(order) // k)
+    target = -(-int(lengths[order].sum()) // (steps * seq_len))
+
+    def tokens(g):
+        return int(lengths[order[g * k:(g + 1) * k]].sum())
+
+    def rows(g):
+        return len(pack_rows(lengths[order[g * k:(g + 1) * k]].tolist(), seq_len))
+
+    for start in range(0, len(order), per_epoch):
+        stop = start + per_epoch
+        groups = range(start // k, (stop - 1) // k + 1)
+        need = {g: rows(g) for g in groups}
+        slots = {g: np.arange(max(g * k, start), min((g + 1) * k, stop)) for g in groups}  # this epoch's places
+        for _ in range(8 * len(groups)):
+            heavy = max(groups, key=lambda g: (need[g], tokens(g)))
+            if need[heavy] <= target or not _swap_into(order, lengths, heavy, slots, need, tokens, rows, target):
+                break
+    return order
+
+
+def _swap_into(order, lengths, heavy, slots, need, tokens, rows, target) -> bool:
+    """Swap one example of step `heavy` with a shorter one of the emptiest step that stays
+    within `target` rows, taking the pair that brings the two steps' tokens closest together."""
+    for light in sorted(slots, key=tokens):
+        gap = (tokens(heavy) - tokens(light)) / 2
+        if light == heavy or gap <= 0:
+            continue
+        diff = lengths[order[slots[heavy]]][:, None] - lengths[order[slots[light]]][None, :]
+        cost = np.where((diff > 0) & (diff <= 2 * gap), np.abs(diff - gap), np.inf)
+        if not np.isfinite(cost.min()):
+            continue
+        a, b = np.unravel_index(np.argmin(cost), cost.shape)
+        a, b = slots[heavy][a], slots[light][b]
+        order[a], order[b] = order[b], order[a]
+        if rows(light) <= target:
+            need[heavy], need[light] = rows(heavy), rows(light)
+            return True
+        order[a], order[b] = order[b], order[a]
+    return False
+
+
+def _run_order(data: LimaData, epochs: int, examples_per_step: int, grouping: str) -> list[int]:
+    """The index in `data.train` of every example the run trains on, in order, `grouping`'d."""
+    indices = _indices(data, epochs)
+    order = np.array([indices[i] for i in range(len(indices))], np.int64)  # random access: no iterator threads
+    if grouping == "balanced":
+        lengths = np.array([len(e["ids"]) - 1 for e in data.train])
+        order = balance_groups(order, lengths, epochs, examples_per_step, data.seq_len)
+    return order.tolist()
+
+
+def _step_groups(data: LimaData, epochs: int, examples_per_step: int, grouping: str = "random") -> grain.MapDataset:
     """The run's examples cut into groups of `examples_per_step` (the last may hold fewer)."""
-    return _examples(data, epochs).batch(examples_per_step, drop_remainder=False, batch_fn=list)
+    order = _run_order(data, epochs, examples_per_step, grouping)
+    return (grain.MapDataset.source(order).map(lambda i: data.train[i])
+            .batch(examples_per_step, drop_remainder=False, batch_fn=list))
 
 
-def make_plan(data: LimaData, examples_per_step: int, epochs: int) -> Plan:
-    """Step count and the rows the packing needs, by a dry run of the grouping."""
-    groups = [[(len(e["ids"]) - 1, e["origin"]) for e in group] for group in _step_groups(data, epochs, examples_per_step)]
+def choose_buckets(step_rows, count: int) -> tuple[int, ...]:
+    """At most `count` row counts, the largest the fullest step's, that leave the fewest rows
+    over all steps when each step takes the smallest one that holds it."""
+    values = sorted(set(step_rows))
+    top, rest = values[-1], values[:-1]
+    options = [(*c, top) for c in itertools.combinations(rest, min(count - 1, len(rest)))]
+    return min(options, key=lambda b: (sum(min(r for r in b if r >= n) for n in step_rows), b))
+
+
+def make_plan(data: LimaData, examples_per_step: int, epochs: int, grouping: str = "random",
+              row_buckets: int = 1) -> Plan:
+    """Step count and the rows each step's packing needs, by a dry run of the grouping;
+    `buckets`: the `row_buckets` row counts the steps are compiled for (see `choose_buckets`)."""
+    steps = _step_groups(data, epochs, examples_per_step, grouping)
+    groups = [[(len(e["ids"]) - 1, e["origin"]) for e in steps[i]] for i in range(len(steps))]
     lengths = [[n for n, _ in group] for group in groups]
-    rows_needed = max(len(pack_rows(group, data.seq_len)) for group in lengths)
+    step_rows = tuple(len(pack_rows(group, data.seq_len)) for group in lengths)
     by_source = collections.Counter(origin for group in groups for _, origin in group)
-    return Plan(examples_per_step, rows_needed, data.seq_len, epochs, len(lengths), sum(map(sum, lengths)),
+    return Plan(examples_per_step, max(step_rows), data.seq_len, epochs, len(lengths), sum(map(sum, lengths)),
                 examples=sum(map(len, lengths)),
-                by_source=tuple((src.path, by_source[i]) for i, src in enumerate(data.inputs) if data.mixed))
+                by_source=tuple((src.path, by_source[i]) for i, src in enumerate(data.inputs) if data.mixed),
+                grouping=grouping, step_rows=step_rows, buckets=choose_buckets(step_rows, row_buckets))
 
 
 def train_iterator(data: LimaData, plan: Plan) -> grain.DatasetIterator:
@@ -278,9 +380,10 @@ def train_iterator(data: LimaData, plan: Plan) -> grain.DatasetIterator:
     (or get_state/set_state) and a resumed run sees exactly the same batches, on any mesh."""
     def batch(group):
         counts = np.bincount([e["origin"] for e in group], minlength=len(data.inputs)).astype(np.int32)
-        return dict(pack_batch(group, plan.rows_per_step, plan.seq_len), by_source=counts)
+        rows = plan.rows_for(len(pack_rows([len(e["ids"]) - 1 for e in group], plan.seq_len)))
+        return dict(pack_batch(group, rows, plan.seq_len), by_source=counts)
 
-    groups = _step_groups(data, plan.epochs, plan.examples_per_step)
+    groups = _step_groups(data, plan.epochs, plan.examples_per_step, plan.grouping)
     return iter(groups.map(batch).to_iter_dataset(_READ))
 
 

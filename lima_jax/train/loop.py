@@ -23,7 +23,7 @@ from lima_jax.errors import ConfigError, NonFiniteLoss, ResumeRefused
 from lima_jax.model import flops_per_token, init_params, lora as lora_lib
 from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from lima_jax.train.program import TrainProgram, batch_layout_for, build_program
+from lima_jax.train.program import TrainProgram, batch_layout_for, bucket_rows, build_program
 from lima_jax.train.step import TrainState, model_params
 
 
@@ -95,9 +95,10 @@ def prepare(config, workdir) -> Run:
                           f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
     identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
     check_same_run_on_all_processes(config, identity)
-    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs)
+    plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs, config.data.grouping,
+                              config.data.row_buckets)
     layout = batch_layout_for(config, model_cfg, plan.rows_needed, jax.devices())
-    plan = dataclasses.replace(plan, rows_per_step=layout.rows)
+    plan = dataclasses.replace(plan, rows_per_step=layout.rows, buckets=bucket_rows(layout, plan.buckets))
     mesh = make_mesh(config.mesh, context=layout.context)
     program = build_program(config, model_cfg, mesh, plan.total_steps)
 
@@ -214,7 +215,8 @@ def log_plan(run: Run) -> None:
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
     log(f"data: {data.describe()}")
     log(f"plan: {plan.total_steps} steps over {plan.epochs} epochs, {plan.examples_per_step} examples a step "
-        f"(the last step {plan.last_step_examples}), {100 * plan.efficiency:.1f}% real tokens"
+        f"(the last step {plan.last_step_examples}), {plan.grouping} grouping; {plan.describe_rows()}: "
+        f"{100 * plan.efficiency:.1f}% real tokens"
         + (f"; by source over the run: {plan.describe_sources()}" if plan.by_source else ""))
     log(f"batch: {layout.describe(plan.seq_len)}")
 
@@ -244,19 +246,19 @@ class StepLoop:
         self.peak = peak_flops_per_device(override=run.config.train.peak_flops_per_device)
         self.progress = progress_bar(start, run.total_steps)
         self.dropout_key = jax.random.key(run.config.seed + 1)  # the init key is config.seed
-        self.compiled = None
+        self.compiled = {}  # rows -> the step compiled for that batch shape (one per row bucket)
         self.pending: list[tuple[dict, int]] = []  # (device metrics, examples) not yet logged
         self.last_time = time.perf_counter()
 
     def step(self, state: TrainState, step: int) -> TrainState:
         batch = next(self.train_iter)
-        examples = int(batch["examples"])
+        examples, rows = int(batch["examples"]), batch["tokens"].shape[0]
         batch = pipeline.global_batch(batch, self.run.program.mesh)
         profile(self.run.config.train.profile_steps, step, self.run.workdir)
-        if self.compiled is None:  # every batch has the first one's shapes and shardings
-            self.compiled = compile_step(self.run.program.train_step, state, batch, self.dropout_key)
+        if rows not in self.compiled:  # the batches of a bucket share its shapes and shardings
+            self.compiled[rows] = compile_step(self.run.program.train_step, state, batch, self.dropout_key)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = self.compiled(state, batch, self.dropout_key)
+            state, metrics = self.compiled[rows](state, batch, self.dropout_key)
         self.pending.append((metrics, examples))
         done = step + 1
         if (done % self.run.config.train.log_every_steps == 0 or done in self.run.epoch_ends

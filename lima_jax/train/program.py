@@ -68,3 +68,11 @@ def batch_layout_for(config, model_cfg: ModelConfig, rows_needed: int, devices) 
     batch_shards = ici[0] * ici[1] * dcn[0] * dcn[1]
     return batch_layout(rows_needed, config.train.grad_accum_steps, batch_shards, ici[1], config.data.seq_len,
                         fixed_rows=config.data.rows_per_step, allow_context=model_cfg.attention == "xla")
+
+
+def bucket_rows(layout: BatchLayout, buckets) -> tuple[int, ...]:
+    """The rows of the plan's buckets (rows needed, the largest last) as laid out: the largest is
+    `layout.rows`, the others are rounded up to a multiple of its row shards x micro-batches, so
+    every step shape runs on the same mesh."""
+    unit = layout.row_shards * layout.grad_accum_steps
+    return tuple(sorted({min(-(-b // unit) * unit, layout.rows) for b in buckets[:-1]} | {layout.rows}))
