@@ -105,19 +105,13 @@ def insert(cfg: ModelConfig, params: dict, state: dict, new: dict) -> dict:
             "settings": jax.tree.map(put, state["settings"], new["settings"])}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def decode_step(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) -> tuple[dict, dict]:
-    """One token for every active slot (active [B] bool; inactive slots change nothing that
-    matters). Returns the new state and {"token" [B], "logprob" [B], "top_ids" [B, K],
-    "top_logprobs" [B, K]}: the log-softmax of the model's logits over the real vocabulary,
-    before any decoding transform, for the token and the K most likely."""
+def _advance(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+    """One token for every active slot: (new state, the model's logits [B, Vp], the tokens [B])."""
     model = bind(cfg, params)
     position = state["position"]
     hidden, cache = model.hidden(state["token"][:, None], position[:, None], active[:, None].astype(jnp.int32),
                                  cache=state["cache"], cache_index=position)
     logits = model.logits(hidden[:, 0])
-    logprobs = jax.nn.log_softmax(logits[:, :cfg.vocab_size])  # the model's own distribution
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), state["count"])
     settings = state["settings"]
     token = next_tokens(logits, state["seen"], state["bias"], keys, settings, jnp.any(active & ~settings.greedy))
@@ -126,9 +120,36 @@ def decode_step(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) 
     state = dict(state, cache=constrain_cache(cache), token=jnp.where(active, token, state["token"]),
                  position=jnp.where(active, jnp.minimum(position + 1, last), position),
                  count=state["count"] + active, seen=state["seen"].at[rows, token].max(active))
+    return state, logits, token
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+def decode_step(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) -> tuple[dict, dict]:
+    """One token for every active slot (active [B] bool; inactive slots change nothing that
+    matters). Returns the new state and {"token" [B], "logprob" [B], "top_ids" [B, K],
+    "top_logprobs" [B, K]}: the log-softmax of the model's logits over the real vocabulary,
+    before any decoding transform, for the token and the K most likely."""
+    state, logits, token = _advance(cfg, params, state, active)
+    logprobs = jax.nn.log_softmax(logits[:, :cfg.vocab_size])  # the model's own distribution
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    rows = jnp.arange(token.shape[0])
     out = {"token": token, "logprob": logprobs[rows, jnp.minimum(token, cfg.vocab_size - 1)],
            "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_logprobs}
     return state, {name: constrain(x, *(None,) * x.ndim) for name, x in out.items()}  # replicated: every host reads it
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("state",))
+def decode_steps(cfg: ModelConfig, params: dict, state: dict, active: jax.Array, steps: int) -> tuple[dict, dict]:
+    """`steps` tokens for every active slot in one call, without logprobs: {"token" [steps, B]}.
+    A slot whose answer ends mid-call goes on decoding for nothing until the call returns; the
+    host reads its tokens up to the end. For callers that need no token-by-token latency
+    (an answers file): one host round trip per `steps` tokens."""
+    def body(state, _):
+        state, _, token = _advance(cfg, params, state, active)
+        return state, token
+
+    state, tokens = jax.lax.scan(body, state, length=steps)
+    return state, {"token": constrain(tokens, None, None)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,29 +283,34 @@ class Decoder:
         new["settings"] = RowSettings.of(settings)
         return new
 
-    def step(self) -> tuple[dict, list[tuple[int, object, int, str | None]]]:
-        """One token for every occupied slot: (the step's host outputs, [(slot, tag, token,
-        reason)]) where reason is "stop" (the token is a stop id, not part of the answer),
-        "length" (the answer's last token) or None; ended requests' slots are freed."""
+    def step(self, steps: int = 1) -> tuple[dict, list[tuple[int, object, int, str | None]]]:
+        """`steps` tokens for every occupied slot: (the host outputs of decode_step, or of
+        decode_steps when steps > 1, [(slot, tag, token, reason)] in token order) where reason
+        is "stop" (the token is a stop id, not part of the answer), "length" (the answer's last
+        token) or None; ended requests' slots are freed, and their later tokens dropped."""
         active = np.array([s is not None for s in self.slots])
         with self.on_mesh():
-            self.state, out = decode_step(self.cfg, self.params, self.state, active)
+            if steps == 1:
+                self.state, out = decode_step(self.cfg, self.params, self.state, active)
+            else:
+                self.state, out = decode_steps(self.cfg, self.params, self.state, active, steps)
         out = jax.device_get(out)
         events = []
-        for index, held in enumerate(self.slots):
-            if held is None:
-                continue
-            tag, request = held
-            token, reason = int(out["token"][index]), None
-            if token in self.stop_ids:
-                reason = "stop"
-            else:
-                self.emitted[index] += 1
-                if self.emitted[index] >= request.max_tokens:
-                    reason = "length"
-            if reason is not None:
-                self.slots[index] = None
-            events.append((index, tag, token, reason))
+        for tokens in out["token"].reshape(steps, -1):
+            for index, held in enumerate(self.slots):
+                if held is None:
+                    continue
+                tag, request = held
+                token, reason = int(tokens[index]), None
+                if token in self.stop_ids:
+                    reason = "stop"
+                else:
+                    self.emitted[index] += 1
+                    if self.emitted[index] >= request.max_tokens:
+                        reason = "length"
+                if reason is not None:
+                    self.slots[index] = None
+                events.append((index, tag, token, reason))
         return out, events
 
     def release(self, index: int) -> None:

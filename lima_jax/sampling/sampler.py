@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("lima", "raw")
 SLOTS = 8  # rows decoded together by default (sample.py's --batch_size)
+STEPS = 8  # tokens a slot advances per host round trip (decode_steps); a finished slot waits at most this
 
 
 @dataclasses.dataclass
@@ -75,7 +76,8 @@ class Sampler:
         The cache holds the longest prompt (bucketed) plus the largest max_tokens; positions past
         model.max_seq_len were never trained (a warning). Every prefill pads to the longest
         prompt, and takes either every slot (the first) or one prompt (a slot that came free; a
-        few at once take one prefill each), so two prefill shapes and one step compile."""
+        few at once take one prefill each), so two prefill shapes and one step compile. The
+        device runs STEPS tokens per call (`decode_steps`), so `on_token` comes in bursts."""
         if not requests:
             return
         longest = max(len(r.prompt) for r in requests)
@@ -90,7 +92,7 @@ class Sampler:
         while waiting or decoder.active:
             for _ in range(min(len(decoder.free), len(waiting))):
                 decoder.admit([waiting.popleft()])
-            _, events = decoder.step()
+            _, events = decoder.step(STEPS)
             for _, index, token, reason in events:
                 ids = answers.setdefault(index, [])
                 if reason != "stop":
