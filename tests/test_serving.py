@@ -109,7 +109,7 @@ def greedy_reference(sampler, prompt, max_new, penalty=1.0) -> dict:
     params = jax.device_get(sampler.params)
     answer = []
     while len(answer) < max_new:
-        logits = np.asarray(forward(params, np.asarray([ids + answer])), np.float32)
+        logits = np.array(forward(params, np.asarray([ids + answer])), np.float32)
         seen = np.unique(answer).astype(int)
         logits[seen] = np.where(logits[seen] < 0, logits[seen] * np.float32(penalty), logits[seen] / np.float32(penalty))
         token = int(np.argmax(logits))
