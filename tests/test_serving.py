@@ -11,6 +11,7 @@ OpenAI-style 400 and the server goes on serving."""
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import socket
 import subprocess
@@ -105,11 +106,12 @@ def greedy_reference(sampler, prompt, max_new, penalty=1.0) -> dict:
     """Greedy decoding without a cache or slots: the whole sequence through the model for every
     token, the repetition penalty on the answer's tokens in numpy, stop at EOS or EOT."""
     cfg, ids = sampler.cfg, list(prompt)
-    forward = jax.jit(lambda p, t: bind(cfg, p)(t)[0, -1, :cfg.vocab_size])
     params = jax.device_get(sampler.params)
     answer = []
     while len(answer) < max_new:
-        logits = np.array(forward(params, np.asarray([ids + answer])), np.float32)
+        buffer = np.zeros((1, cfg.max_seq_len), np.int32)  # one shape: causal attention ignores the tail
+        buffer[0, :len(ids) + len(answer)] = ids + answer
+        logits = np.array(_full_logits(cfg, params, buffer)[0, len(ids) + len(answer) - 1, :cfg.vocab_size])
         seen = np.unique(answer).astype(int)
         logits[seen] = np.where(logits[seen] < 0, logits[seen] * np.float32(penalty), logits[seen] / np.float32(penalty))
         token = int(np.argmax(logits))
@@ -117,6 +119,11 @@ def greedy_reference(sampler, prompt, max_new, penalty=1.0) -> dict:
             return dict(ids=answer, stopped=True)
         answer.append(token)
     return dict(ids=answer, stopped=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(cfg, params, tokens):
+    return bind(cfg, params)(tokens)
 
 
 def messages(turns):
