@@ -8,11 +8,11 @@ little, so that answers end at varied lengths (about half at max_new_tokens), an
 and seeded (LIMA's sampling) by `answer_file`: once by today's code (main at BASELINE, batched
 generation: each batch waits for its longest answer; run from a `git archive` of that commit
 in a subprocess) and once by this tree's (continuous batching: a finished row takes the next
-prompt). Both processes get the same
-weights (an .npz by parameter path), the same prompts file and the same flags. The answers
-files must be equal byte for byte; each side's wall and CPU seconds are printed, cold (the
-first file, compilation included) and warm (the same file again in the same process), with
-the ratios old / new. Writes benchmarks/results/answer_file.json.
+prompt). Both processes get the same weights (an .npz by
+parameter path), the same prompts file and the same flags. The answers files must be equal
+byte for byte; each side's wall and CPU seconds are printed, cold (the first file,
+compilation included) and warm (the same file again in the same process), with the ratios
+old / new. Writes benchmarks/results/answer_file.json.
 """
 
 import argparse
