@@ -1,4 +1,5 @@
-"""Decode speed on this machine: lima_jax KV-cache sampling vs transformers `generate`, and
+"""Decode speed on this machine: lima_jax's decode step (the slots sample.py, the chat and the
+server run) vs transformers `generate`, and
 the time per decoded token at 128 vs 1,024 tokens of context (the cache should make it
 nearly flat; goal ratio < 1.5).
 
@@ -6,7 +7,8 @@ nearly flat; goal ratio < 1.5).
 
 Both sides run greedy decoding of the same random weights (HF LlamaForCausalLM mapped with
 lima_jax.convert.layout), same batch and prompt, fixed number of new tokens, no stop token,
-float32. Times exclude compilation (ours is run once before timing). Writes
+float32. Times exclude compilation (ours is run once before timing) and include our host loop
+(one jitted step per token, its outputs read back). Writes
 benchmarks/results/decode.json.
 """
 
@@ -20,14 +22,14 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig  # noqa: E402
-from lima_jax.sampling import SamplingSettings, generate  # noqa: E402
+from lima_jax.sampling import SamplingSettings  # noqa: E402
+from lima_jax.sampling.sampler import Sampler  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,13 +51,18 @@ def best_of(fn, repeats):
     return min(times)
 
 
+class NoStops:
+    """A tokenizer's ids for the Sampler; EOS and EOT outside the vocabulary: no stop token."""
+
+    bos_id, eos_id, eot_id = 1, 10**9, 10**9
+
+
 def ours(cfg, params, prompts, new, repeats):
     s = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=new)
-    lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
-    prompts = jnp.asarray(prompts)
-    run = lambda: jax.block_until_ready(generate(cfg, s, params, prompts, lengths, jax.random.key(0)))  # noqa: E731
+    sampler = Sampler(cfg, params, NoStops())
+    run = lambda: sampler.generate_ids(prompts.tolist(), s, slots=len(prompts))  # noqa: E731
     out = run()  # compile
-    return best_of(run, repeats), np.asarray(out["tokens"])
+    return best_of(run, repeats), np.asarray([o["ids"] for o in out])
 
 
 def theirs(model, prompts, new, repeats):

@@ -21,7 +21,7 @@ from lima_jax import cli
 config_flags.DEFINE_config_file("config", None, "ml-collections config file.", lock_config=True)
 flags.DEFINE_string("topology", None, "Slice name: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips).")
 flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
-flags.DEFINE_bool("decode", True, "Also compile the sampler's prefill + decode loop.")
+flags.DEFINE_bool("decode", True, "Also compile the decode step serve.py and sample.py run.")
 flags.DEFINE_string("json", None, "Also write the report(s) as JSON here.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS

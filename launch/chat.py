@@ -11,14 +11,15 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from lima_jax import cli
+from lima_jax.sampling.decoding import LIMA
 
 config_flags.DEFINE_config_file("config", None, "config file (optional: read from the checkpoint)")
 flags.DEFINE_string("checkpoint", None, "checkpoint step, checkpoint root or training work dir", required=True)
-flags.DEFINE_bool("greedy", False, "argmax decoding (the repetition penalty still applies)")
+flags.DEFINE_bool("greedy", LIMA.greedy, "argmax decoding (the repetition penalty still applies)")
 flags.DEFINE_integer("max_new_tokens", 512, "answer length limit")
-flags.DEFINE_float("temperature", 0.7, "")
-flags.DEFINE_float("top_p", 0.9, "")
-flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
+flags.DEFINE_float("temperature", LIMA.temperature, "")
+flags.DEFINE_float("top_p", LIMA.top_p, "")
+flags.DEFINE_float("repetition_penalty", LIMA.repetition_penalty, "1.0 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed (turn k uses seed + k)")
 flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder (default: the checkpoint's)")
 FLAGS = flags.FLAGS
@@ -27,7 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
-    from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.decoding import SamplingSettings
     from lima_jax.sampling.sampler import load_sampler
     from lima_jax.serving.chat import Conversation, chat_loop
 

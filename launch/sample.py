@@ -8,8 +8,9 @@
 such as `--config.mesh.tensor=2` need `--config`). `--checkpoint` takes one step folder, a
 checkpoint root (its latest step) or a training work dir.
 
-With `--prompts`, the output location is checked before the model loads, and each finished
-batch is appended to `--output` at once. An existing output is refused unless `--overwrite`
+With `--prompts`, the output location is checked before the model loads; `--batch_size`
+prompts are decoded together and a finished answer's slot takes the next prompt at once
+(continuous batching); answers are appended to `--output` in file order as they finish. An existing output is refused unless `--overwrite`
 (start over) or `--resume` (answer only the prompts after those it holds: an interrupted run
 continues where it stopped, and the file ends as an uninterrupted run's would).
 """
@@ -20,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lima_jax import cli
+from lima_jax.sampling.decoding import LIMA
 
 config_flags.DEFINE_config_file("config", None, "config file (optional: read from the checkpoint)")
 flags.DEFINE_string("checkpoint", None, "checkpoint step, checkpoint root or training work dir", required=True)
@@ -32,15 +34,15 @@ flags.DEFINE_bool("resume", False, "continue an existing --output after the prom
 flags.DEFINE_enum("format", None, ["lima", "llama3", "chatml", "raw"],
                   "the chat format (default: the checkpoint's, as in training); raw: BOS + text, for base models")
 flags.DEFINE_string("system", None, "a system message (llama3 and chatml formats)")
-flags.DEFINE_bool("greedy", False, "argmax decoding (the repetition penalty still applies)")
-flags.DEFINE_integer("max_new_tokens", 2048, "answer length limit")
-flags.DEFINE_float("temperature", 0.7, "")
-flags.DEFINE_float("top_p", 0.9, "")
-flags.DEFINE_integer("top_k", 0, "0 = off")
-flags.DEFINE_float("repetition_penalty", 1.2, "1.0 = off")
-flags.DEFINE_bool("penalize_prompt", False, "count prompt tokens as seen for the repetition penalty (HF style)")
+flags.DEFINE_bool("greedy", LIMA.greedy, "argmax decoding (the repetition penalty still applies)")
+flags.DEFINE_integer("max_new_tokens", LIMA.max_new_tokens, "answer length limit")
+flags.DEFINE_float("temperature", LIMA.temperature, "")
+flags.DEFINE_float("top_p", LIMA.top_p, "")
+flags.DEFINE_integer("top_k", LIMA.top_k, "0 = off")
+flags.DEFINE_float("repetition_penalty", LIMA.repetition_penalty, "1.0 = off")
+flags.DEFINE_bool("penalize_prompt", LIMA.penalize_prompt, "count prompt tokens as seen for the repetition penalty (HF style)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_integer("batch_size", 8, "prompts per batch with --prompts")
+flags.DEFINE_integer("batch_size", 8, "prompts decoded together with --prompts (a finished one's slot takes the next)")
 flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder holding one (default: the "
                     "one stored in the checkpoint)")
 flags.DEFINE_bool("stream", True, "print tokens as they come (with --prompt)")
@@ -50,8 +52,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
-    from lima_jax.sampling import SamplingSettings
     from lima_jax.sampling.answers import check_output
+    from lima_jax.sampling.decoding import SamplingSettings
     from lima_jax.sampling.sampler import answer_file, load_sampler
 
     if (FLAGS.prompt is None) == (FLAGS.prompts is None):

@@ -102,26 +102,30 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
                 model_flops_per_step=flops_per_token(model_cfg, seq, program.lora) * layout.rows * seq)
 
 
-def check_decode_step(config, topology: str, num_slices: int = 1, prompt_len: int = 256) -> dict:
-    """Compile the sampler (prefill + the decode loop, LIMA's decoding up to the model's
-    context) for one batch of `prompt_len`-token prompts, one per batch shard."""
-    from lima_jax.sampling import SamplingSettings, generate
+def check_decode_step(config, topology: str, num_slices: int = 1, num_slots: int | None = None) -> dict:
+    """Compile the decode step serve.py runs (sampling.decode.decode_step: one token for each of
+    `num_slots` slots, default serve.py's, rounded up to the batch shards, over a cache of the
+    model's whole context), with LIMA's decoding."""
+    from lima_jax.sampling.decode import DEFAULT_SLOTS, batch_multiple, cache_logical_axes, decode_step, init_slots
 
     chip, devices, model_cfg, mesh = target(config, topology, num_slices)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    settings = SamplingSettings(max_new_tokens=model_cfg.max_seq_len - prompt_len)
+    group = batch_multiple(mesh)
+    slots = math.ceil((num_slots or DEFAULT_SLOTS) / group) * group
+    length = model_cfg.max_seq_len
     shardings = named_shardings(param_logical_axes(model_cfg), mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(model_cfg), shardings)
-    row_sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
-    prompts = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=NamedSharding(mesh, logical_to_spec(("batch", "length"))))
-    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sharding)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, logical_to_spec(())))
+    replicated = NamedSharding(mesh, logical_to_spec(()))
+    cache = named_shardings(cache_logical_axes(), mesh)
+    state = jax.eval_shape(init_slots, model_cfg, slots, length)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+    state["cache"] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state["cache"], cache)
+    active = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=replicated)
     with jax.set_mesh(mesh):
-        compiled = generate.lower(model_cfg, settings, params, prompts, lengths, key).compile()
+        compiled = decode_step.lower(model_cfg, params, state, active).compile()
     return dict(report(compiled, chip, devices), step="decode", topology=topology, num_slices=num_slices,
-                mesh=dict(mesh.shape), rows=rows, seq_len=model_cfg.max_seq_len, remat_policy="-", attention="xla",
-                model_flops_per_step=flops_per_token(model_cfg, 0) / 3 * rows * model_cfg.max_seq_len)  # forward: 2N
+                mesh=dict(mesh.shape), rows=slots, seq_len=length, remat_policy="-", attention="xla",
+                model_flops_per_step=flops_per_token(model_cfg, 0) / 3 * slots)  # forward (2N) for one token a slot
 
 
 def target(config, topology: str, num_slices: int):

@@ -21,8 +21,8 @@ from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
 from lima_jax.convert.hf_config import read_hf_arch
 from lima_jax.convert.layout import params_from_hf
 from lima_jax.model import ModelConfig, bind, lora as lora_lib, param_count
-from lima_jax.sampling.generate import generate
-from lima_jax.sampling.transforms import SamplingSettings
+from lima_jax.sampling.decode import PROMPT_BUCKET, Decoder, Request
+from lima_jax.sampling.decoding import SamplingSettings
 from lima_jax.train.loss import lm_loss
 from tests.convert_fixtures import restore
 
@@ -99,9 +99,13 @@ def test_greedy_kv_cache_decode_equals_transformers(family):
         expected = model.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
                                   do_sample=False, max_new_tokens=NEW, pad_token_id=0)[:, prompts.shape[1]:].numpy()
     settings = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=NEW)
-    lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
-    out = generate(cfg, settings, params, jnp.asarray(prompts, jnp.int32), lengths, jax.random.key(0))
-    np.testing.assert_array_equal(np.asarray(out["tokens"]), expected)
+    decoder = Decoder(cfg, params, None, stop_ids=(), slots=len(prompts), length=PROMPT_BUCKET + NEW)  # the one decode step
+    decoder.admit([(i, Request.of(p.tolist(), settings, 0, i)) for i, p in enumerate(prompts)])
+    tokens = {i: [] for i in range(len(prompts))}
+    while decoder.active:
+        for _, index, token, _ in decoder.step()[1]:
+            tokens[index].append(token)
+    np.testing.assert_array_equal(np.array([tokens[i] for i in range(len(prompts))]), expected)
 
 
 def test_export_loads_in_transformers_with_equal_logits(family):

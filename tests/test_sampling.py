@@ -1,5 +1,8 @@
-"""KV-cache decoding against full recomputation and transformers; transforms against HF's processors."""
+"""The one decode step (slots over a KV cache, continuous batching) against full recomputation
+and transformers; LIMA's per-row transforms against HF's processors; answers that depend on the
+seed and row id only, not on the slots, the neighbours or the mesh."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,8 +14,10 @@ import torch
 import transformers
 
 from lima_jax.model import bind, param_logical_axes
-from lima_jax.sampling import SamplingSettings, generate, next_token, repetition_penalty, temperature, top_k, top_p
-from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
+from lima_jax.sampling import SamplingSettings, decoding
+from lima_jax.sampling.decoding import RowSettings, next_tokens, process, repetition_penalty, temperature
+from lima_jax.sampling.sampler import Sampler
+from lima_jax.sharding import make_mesh, named_shardings
 from tests.references import MODEL_GQA as GQA, MODEL_MHA as MHA, hf_model as hf_model_small_init, hf_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -20,6 +25,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 LENGTHS = [3, 11, 6, 8]
 NEW = 10
 GREEDY = SamplingSettings(greedy=True, repetition_penalty=1.0, max_new_tokens=NEW)
+
+
+@dataclasses.dataclass
+class Ids:
+    """The ids a Sampler reads from a tokenizer; stop ids outside the vocabulary stop nothing."""
+
+    eos_id: int = 10**6
+    eot_id: int = 10**6
+    bos_id: int = 1
+
+
+def sampler(cfg, params, mesh=None, **stops) -> Sampler:
+    return Sampler(cfg, params, Ids(**stops), mesh)
 
 
 def hf_model(cfg, seed=0):
@@ -33,12 +51,13 @@ def hf_model(cfg, seed=0):
     return model
 
 
-def prompts_for(cfg, lengths=LENGTHS, seed=0):
+def prompts_for(cfg, lengths=LENGTHS, seed=0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    prompts = np.zeros((len(lengths), max(lengths)), np.int32)
-    for i, n in enumerate(lengths):
-        prompts[i, :n] = rng.integers(3, cfg.vocab_size, n)
-    return prompts, np.asarray(lengths, np.int32)
+    return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o["ids"] for o in outs]
 
 
 def greedy_by_recomputation(cfg, params, prompt, n_new):
@@ -66,17 +85,15 @@ def hf_greedy(model, prompt, n_new, **kwargs):
 
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["multi-head", "grouped-query"])
 def test_greedy_with_cache_equals_recomputation_and_transformers(cfg):
+    """Two slots for four prompts: the later prompts go into slots an earlier answer used."""
     hf = hf_model(cfg, seed=1)
     params = hf_params(hf, cfg)
-    prompts, lengths = prompts_for(cfg)
-    out = generate(cfg, GREEDY, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
-    tokens = np.asarray(out["tokens"])
-    assert np.asarray(out["lengths"]).tolist() == [NEW] * len(LENGTHS)
-    assert not np.asarray(out["stopped"]).any()
-    for row, n in enumerate(LENGTHS):
-        prompt = prompts[row, :n].tolist()
-        assert tokens[row].tolist() == greedy_by_recomputation(cfg, params, prompt, NEW), f"row {row}"
-        assert tokens[row].tolist() == hf_greedy(hf, prompt, NEW), f"row {row}"
+    prompts = prompts_for(cfg)
+    outs = sampler(cfg, params).generate_ids(prompts, GREEDY, slots=2)
+    assert [len(o["ids"]) for o in outs] == [NEW] * len(LENGTHS) and not any(o["stopped"] for o in outs)
+    for row, prompt in enumerate(prompts):
+        assert outs[row]["ids"] == greedy_by_recomputation(cfg, params, prompt, NEW), f"row {row}"
+        assert outs[row]["ids"] == hf_greedy(hf, prompt, NEW), f"row {row}"
 
 
 def test_greedy_repetition_penalty_on_prompt_equals_transformers():
@@ -84,36 +101,26 @@ def test_greedy_repetition_penalty_on_prompt_equals_transformers():
     cfg = GQA
     hf = hf_model(cfg, seed=2)
     params = hf_params(hf, cfg)
-    prompts, lengths = prompts_for(cfg, seed=3)
+    prompts = prompts_for(cfg, seed=3)
     settings = SamplingSettings(greedy=True, repetition_penalty=1.2, penalize_prompt=True, max_new_tokens=NEW)
-    tokens = np.asarray(generate(cfg, settings, params, jnp.asarray(prompts), jnp.asarray(lengths),
-                                 jax.random.key(0))["tokens"])
-    plain = np.asarray(generate(cfg, GREEDY, params, jnp.asarray(prompts), jnp.asarray(lengths),
-                                jax.random.key(0))["tokens"])
-    assert (tokens != plain).any(), "the penalty should change something on these prompts"
-    for row, n in enumerate(LENGTHS):
-        assert tokens[row].tolist() == hf_greedy(hf, prompts[row, :n].tolist(), NEW, repetition_penalty=1.2)
+    penalized = tokens(sampler(cfg, params).generate_ids(prompts, settings, slots=3))
+    assert penalized != tokens(sampler(cfg, params).generate_ids(prompts, GREEDY, slots=3)), \
+        "the penalty should change something on these prompts"
+    for row, prompt in enumerate(prompts):
+        assert penalized[row] == hf_greedy(hf, prompt, NEW, repetition_penalty=1.2)
 
 
 def test_each_row_stops_at_its_own_stop_token():
     cfg = MHA
     params = hf_params(hf_model(cfg, seed=1), cfg)
-    prompts, lengths = prompts_for(cfg)
-    free = np.asarray(generate(cfg, GREEDY, params, jnp.asarray(prompts), jnp.asarray(lengths),
-                               jax.random.key(0))["tokens"])
-    stop = int(free[1, 4])  # row 1 emits this at step 4 (or earlier); other rows maybe never
-    out = generate(cfg, GREEDY, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0),
-                   stop_ids=(stop, cfg.vocab_size - 1))
-    tokens, got = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+    prompts = prompts_for(cfg)
+    free = tokens(sampler(cfg, params).generate_ids(prompts, GREEDY))
+    stop = free[1][4]  # row 1 emits this at step 4 (or earlier); other rows maybe never
+    outs = sampler(cfg, params, eos_id=stop, eot_id=cfg.vocab_size - 1).generate_ids(prompts, GREEDY, slots=2)
     for row in range(len(LENGTHS)):
-        hits = np.flatnonzero(free[row] == stop)
-        expected = int(hits[0]) if hits.size else NEW
-        assert got[row] == expected and bool(out["stopped"][row]) == bool(hits.size)
-        np.testing.assert_array_equal(tokens[row, :expected], free[row, :expected])
-        if hits.size:
-            assert tokens[row, expected] == stop and (tokens[row, expected + 1:] == 0).all()
-    if (free == stop).any(axis=1).all():  # every row stopped: the loop ended early
-        assert int(out["steps"]) == max(np.flatnonzero(free[r] == stop)[0] for r in range(len(LENGTHS))) + 1
+        hits = [i for i, t in enumerate(free[row]) if t in (stop, cfg.vocab_size - 1)]
+        expected = hits[0] if hits else NEW
+        assert outs[row] == dict(ids=free[row][:expected], stopped=bool(hits)), f"row {row}"
 
 
 # ---- transforms against Hugging Face's logits processors --------------------------------------
@@ -134,10 +141,22 @@ def assert_same_filtered(ours, theirs):
     np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
 
 
+def per_row(value, rows=6, dtype=np.float32):
+    return jnp.full((rows,), value, dtype)
+
+
+def top_p(logits, p):
+    return decoding.top_p(logits, per_row(p, len(logits)), per_row(1.0 - p, len(logits)))
+
+
+def top_k(logits, k):
+    return decoding.top_k(logits, per_row(k, len(logits), np.int32))
+
+
 @pytest.mark.parametrize("t", [0.7, 1.3])
 def test_temperature_matches_hf(t):
     logits = random_logits()
-    np.testing.assert_allclose(temperature(jnp.asarray(logits), t),
+    np.testing.assert_allclose(temperature(jnp.asarray(logits), per_row(t)),
                                hf_apply(transformers.TemperatureLogitsWarper(t), logits), rtol=1e-6)
 
 
@@ -153,9 +172,32 @@ def test_top_p_matches_hf(p):
     assert not np.isneginf(np.asarray(ours[0])).any()
 
 
-def test_top_k_matches_hf():
+@pytest.mark.parametrize("scale, decimals", [(1.0, None), (4.0, None), (2.0, 0), (0.01, 3)],
+                         ids=["flat", "peaked", "ties", "near-uniform"])
+def test_top_p_by_bisection_keeps_what_hfs_rule_keeps(scale, decimals):
+    logits = scale * np.asarray(jax.random.normal(jax.random.key(7), (6, 500)))
+    if decimals is not None:
+        logits = np.round(logits, decimals)
+    for p in (0.05, 0.3, 0.5, 0.9, 0.95, 0.999, 1.0):
+        np.testing.assert_array_equal(np.isfinite(top_p(jnp.asarray(logits), p)), top_p_kept(logits, p), f"top_p={p}")
+
+
+def top_p_kept(logits, p):
+    """HF's rule in numpy (float64), ties with the smallest kept logit kept (HF splits them by sort order)."""
+    ascending = np.sort(logits.astype(np.float64), axis=-1)
+    probs = np.exp(ascending - ascending[:, -1:])
+    cumulative = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+    removed = cumulative <= 1.0 - p
+    removed[:, -1] = False
+    threshold = np.take_along_axis(ascending, removed.sum(-1, keepdims=True), axis=-1)
+    return logits >= threshold
+
+
+@pytest.mark.parametrize("k", [1, 17, 299])
+def test_top_k_matches_hf(k):
     logits = random_logits(seed=2)
-    assert_same_filtered(top_k(jnp.asarray(logits), 17), hf_apply(transformers.TopKLogitsWarper(17), logits))
+    logits[0] = np.round(logits[0])  # ties with the k-th are kept
+    assert_same_filtered(top_k(jnp.asarray(logits), k), hf_apply(transformers.TopKLogitsWarper(k), logits))
 
 
 @pytest.mark.parametrize("penalty", [1.2, 0.8])
@@ -165,10 +207,53 @@ def test_repetition_penalty_matches_hf(penalty):
     input_ids = rng.integers(0, logits.shape[1], (logits.shape[0], 40))  # repeats included
     seen = np.zeros(logits.shape, bool)
     np.put_along_axis(seen, input_ids, True, axis=1)
-    ours = repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), penalty)
+    ours = repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), per_row(penalty))
     theirs = hf_apply(transformers.RepetitionPenaltyLogitsProcessor(penalty), logits, input_ids)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     assert not np.allclose(ours, logits)
+
+
+ROWS = [SamplingSettings(),  # LIMA's
+        SamplingSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+        SamplingSettings(temperature=0.3, top_p=0.5, repetition_penalty=2.0, top_k=40),
+        SamplingSettings(greedy=True, repetition_penalty=1.3),
+        SamplingSettings(temperature=1.7, top_p=0.99, repetition_penalty=1.1, top_k=5),
+        SamplingSettings(temperature=0.9, top_p=1.0, top_k=250)]
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_rows_with_their_own_settings_match_hf_chains(draw):
+    """One batch, every row its own settings: each row's warped logits are HF's chain for its
+    settings (penalty, temperature, top-k, top-p); a greedy row picks HF's argmax after the penalty."""
+    logits = random_logits((len(ROWS), 300), seed=10 + draw)
+    input_ids = np.random.default_rng(draw).integers(0, 300, (len(ROWS), 30))
+    seen = np.zeros(logits.shape, bool)
+    np.put_along_axis(seen, input_ids, True, axis=1)
+    rows = jax.tree.map(jnp.asarray, RowSettings.of(ROWS))
+    ours = np.asarray(process(jnp.asarray(logits), jnp.asarray(seen), rows))
+    picked = np.asarray(next_tokens(jnp.asarray(logits), jnp.asarray(seen), jnp.zeros_like(logits),
+                                    jax.random.split(jax.random.key(draw), len(ROWS)), rows))
+    for b, s in enumerate(ROWS):
+        chain = [transformers.RepetitionPenaltyLogitsProcessor(s.repetition_penalty)]
+        if s.greedy:
+            assert picked[b] == np.argmax(hf_apply(chain[0], logits[b:b + 1], input_ids[b:b + 1])[0]), b
+            continue
+        chain += [transformers.TemperatureLogitsWarper(s.temperature)]
+        chain += [transformers.TopKLogitsWarper(s.top_k)] if s.top_k else []
+        chain += [transformers.TopPLogitsWarper(s.top_p)] if s.top_p < 1 else []
+        theirs = logits[b:b + 1]
+        for processor in chain:
+            theirs = hf_apply(processor, theirs, input_ids[b:b + 1])
+        assert_same_filtered(ours[b:b + 1], theirs)
+        assert np.isfinite(ours[b, picked[b]]), b  # the draw is never a removed token
+
+
+def test_logit_bias_moves_the_argmax():
+    logits = jnp.zeros((2, 10)).at[:, 3].set(5.0)
+    bias = jnp.zeros((2, 10)).at[1, 3].set(-100.0).at[1, 7].set(1.0)
+    greedy = jax.tree.map(jnp.asarray, RowSettings.of([SamplingSettings(greedy=True)] * 2))
+    picked = next_tokens(logits, jnp.zeros((2, 10), bool), bias, jax.random.split(jax.random.key(0), 2), greedy)
+    assert picked.tolist() == [3, 7]
 
 
 def test_sampling_follows_the_processed_distribution():
@@ -176,48 +261,38 @@ def test_sampling_follows_the_processed_distribution():
     logits = random_logits((1, 12), seed=5)
     seen = np.zeros_like(logits, bool)
     seen[0, np.argmax(logits)] = True  # the penalty must move mass away from this one
-    s = SamplingSettings()  # LIMA: p=0.9, t=0.7, penalty 1.2
     hf = hf_apply(transformers.RepetitionPenaltyLogitsProcessor(1.2), logits, [[int(np.argmax(logits))]])
     hf = hf_apply(transformers.TemperatureLogitsWarper(0.7), hf)
     hf = hf_apply(transformers.TopPLogitsWarper(0.9), hf)
     expected = torch.softmax(torch.tensor(hf), -1).numpy()[0]
     n = 20000
     keys = jax.random.split(jax.random.key(0), n)
-    draws = jax.jit(jax.vmap(lambda k: next_token(jnp.asarray(logits), jnp.asarray(seen), k, s)[0]))(keys)
+    lima = jax.tree.map(jnp.asarray, RowSettings.of([SamplingSettings()]))  # p=0.9, t=0.7, penalty 1.2
+    draw = lambda k: next_tokens(jnp.asarray(logits), jnp.asarray(seen), jnp.zeros_like(logits), k[None], lima)[0]  # noqa: E731
+    draws = jax.jit(jax.vmap(draw))(keys)
     freq = np.bincount(np.asarray(draws), minlength=logits.shape[1]) / n
     assert freq[expected == 0].sum() == 0  # never a token top-p removed
     np.testing.assert_allclose(freq, expected, atol=0.015)
 
 
-# ---- sharding and seeds -----------------------------------------------------------------------
+# ---- sharding, slots and seeds ----------------------------------------------------------------
 
 def test_sharded_sampling_equals_one_device_and_seeds_are_per_row():
     cfg = GQA
     params = hf_params(hf_model(cfg, seed=4), cfg)
-    prompts, lengths = prompts_for(cfg, seed=5)
+    prompts = prompts_for(cfg, seed=5)
     s = SamplingSettings(max_new_tokens=NEW, temperature=1.0)  # sampled, not greedy
-    key = jax.random.key(7)
     device = jax.devices()[0]
-    rows = np.arange(len(LENGTHS), dtype=np.int32)
-    single = generate(cfg, s, jax.device_put(params, device), jax.device_put(prompts, device),
-                      jax.device_put(lengths, device), key, row_ids=jax.device_put(rows, device))
+    single = tokens(sampler(cfg, jax.device_put(params, device)).generate_ids(prompts, s, seed=7))
 
     mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    p_shard = named_shardings(param_logical_axes(cfg), mesh)
-    b_shard = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length")))
-    row_shard = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",)))
-    with jax.set_mesh(mesh):
-        sharded = generate(cfg, s, jax.device_put(params, p_shard), jax.device_put(prompts, b_shard),
-                           jax.device_put(lengths, row_shard), key, row_ids=jax.device_put(rows, row_shard))
-    assert len(sharded["tokens"].sharding.device_set) == 8
-    np.testing.assert_array_equal(sharded["tokens"], single["tokens"])
-    np.testing.assert_array_equal(sharded["lengths"], single["lengths"])
+    sharded_params = jax.device_put(params, named_shardings(param_logical_axes(cfg), mesh))
+    assert tokens(sampler(cfg, sharded_params, mesh).generate_ids(prompts, s, seed=7)) == single
 
-    # A row's answer depends on its seed and row id, not on its batch; another seed differs.
-    order = np.array([2, 0, 3, 1])
-    shuffled = generate(cfg, s, params, jnp.asarray(prompts[order]), jnp.asarray(lengths[order]), key,
-                        row_ids=jnp.asarray(order))
-    np.testing.assert_array_equal(np.asarray(shuffled["tokens"]), np.asarray(single["tokens"])[order])
-    other = generate(cfg, s, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(8),
-                     row_ids=jnp.asarray(rows))
-    assert (np.asarray(other["tokens"]) != np.asarray(single["tokens"])).any()
+    # A row's answer depends on its seed and row id, not on its slot or neighbours; another seed differs.
+    order = [2, 0, 3, 1]
+    shuffled = sampler(cfg, params).generate_ids([prompts[i] for i in order], s, seed=7, row_ids=order, slots=3)
+    assert tokens(shuffled) == [single[i] for i in order]
+    alone = sampler(cfg, params).generate_ids([prompts[3]], s, seed=7, row_ids=[3], slots=1)
+    assert tokens(alone) == [single[3]]
+    assert tokens(sampler(cfg, params).generate_ids(prompts, s, seed=8)) != single

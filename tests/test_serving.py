@@ -2,13 +2,15 @@
 model of tests/test_export_chat.py, trained to answer a few conversations and end with EOT).
 
 One server (a subprocess on a free port, 16 slots) serves the whole module. What it shows:
-greedy answers equal launch/sample.py's and the Sampler's, single- and multi-turn; streamed
+greedy answers equal launch/sample.py's and a reference that recomputes the whole sequence for
+every token (no cache, no slots), single- and multi-turn; seeded ones equal the Sampler's; streamed
 pieces join to the non-streamed text; top_logprobs are the model's log-softmax; 16
 concurrent clients get the answers each prompt gets alone, while the engine holds several
 at once; stop strings, logit_bias, seeds and raw completions; malformed requests get an
 OpenAI-style 400 and the server goes on serving."""
 
 import concurrent.futures
+import functools
 import os
 import socket
 import subprocess
@@ -98,6 +100,30 @@ def sampler(ckpt):
     return load_sampler(ckpt)[0]
 
 
+def greedy_reference(sampler, prompt, max_new, penalty=1.0) -> dict:
+    """Greedy decoding without a cache or slots: the whole sequence through the model for every
+    token, the repetition penalty on the answer's tokens in numpy, stop at EOS or EOT."""
+    cfg, ids = sampler.cfg, list(prompt)
+    params = jax.device_get(sampler.params)
+    answer = []
+    while len(answer) < max_new:
+        buffer = np.zeros((1, cfg.max_seq_len), np.int32)  # one shape: causal attention ignores the tail
+        buffer[0, :len(ids) + len(answer)] = ids + answer
+        logits = np.array(_full_logits(cfg, params, buffer)[0, len(ids) + len(answer) - 1, :cfg.vocab_size])
+        seen = np.unique(answer).astype(int)
+        logits[seen] = np.where(logits[seen] < 0, logits[seen] * np.float32(penalty), logits[seen] / np.float32(penalty))
+        token = int(np.argmax(logits))
+        if token in sampler.stop_ids:
+            return dict(ids=answer, stopped=True)
+        answer.append(token)
+    return dict(ids=answer, stopped=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(cfg, params, tokens):
+    return bind(cfg, params)(tokens)
+
+
 def messages(turns):
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
 
@@ -129,11 +155,10 @@ def test_greedy_answers_equal_sample_py(client, ckpt):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.2])
-def test_greedy_answers_equal_the_samplers(client, sampler, penalty):
+def test_greedy_answers_equal_recomputation(client, sampler, penalty):
     """Prompts the model was not trained on too (any argmax, not just memorised answers)."""
-    settings = SamplingSettings(greedy=True, repetition_penalty=penalty, max_new_tokens=MAX_NEW)
-    refs = sampler.generate_ids([sampler.prompt_ids(t) for t in PROMPTS[:8]], settings)
-    for turns, ref in zip(PROMPTS[:8], refs):
+    for turns in PROMPTS[:8]:
+        ref = greedy_reference(sampler, sampler.prompt_ids(turns), MAX_NEW, penalty)
         out = greedy(client, turns, penalty)
         assert out.choices[0].message.content == sampler.tokenizer.decode(ref["ids"]), turns
         assert out.usage.completion_tokens == len(ref["ids"])
@@ -142,7 +167,7 @@ def test_greedy_answers_equal_the_samplers(client, sampler, penalty):
 
 
 def test_seeded_sampling_equals_the_samplers(client, sampler):
-    """A seeded request draws the Sampler's stream for row 0, so the same answer."""
+    """A seeded request draws the stream of sample.py's --prompt (row 0), so the same answer."""
     settings = SamplingSettings(temperature=1.5, top_p=0.95, max_new_tokens=MAX_NEW)
     for seed in (1, 2):
         [ref] = sampler.generate_ids([sampler.prompt_ids(OTHER[0])], settings, seed=seed)
@@ -171,8 +196,7 @@ def test_top_logprobs_are_the_models_log_softmax(client, sampler):
     out = greedy(client, turns, logprobs=True, top_logprobs=5)
     content = out.choices[0].logprobs.content
     prompt = sampler.prompt_ids(turns)
-    [ref] = sampler.generate_ids([prompt], SamplingSettings(greedy=True, repetition_penalty=1.0,
-                                                            max_new_tokens=MAX_NEW))
+    ref = greedy_reference(sampler, prompt, MAX_NEW)
     assert len(content) == len(ref["ids"]) == out.usage.completion_tokens
     tokens = np.asarray([prompt + ref["ids"]])
     logits = np.asarray(jax.jit(lambda p, t: bind(sampler.cfg, p)(t))(jax.device_get(sampler.params), tokens))[0]
@@ -224,8 +248,7 @@ def test_raw_completions(client, sampler):
     prompt = "What is 2 plus"
     out = client.completions.create(model="run-250", prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
                                     extra_body={"repetition_penalty": 1.0})
-    [ref] = sampler.generate_ids([sampler.prompt_ids(prompt, "raw")], SamplingSettings(
-        greedy=True, repetition_penalty=1.0, max_new_tokens=12))
+    ref = greedy_reference(sampler, sampler.prompt_ids(prompt, "raw"), 12)
     assert out.choices[0].text == sampler.tokenizer.decode(ref["ids"])
     logprobs = out.choices[0].logprobs
     assert len(logprobs.token_logprobs) == len(logprobs.text_offset) == len(ref["ids"])

@@ -28,13 +28,12 @@ from lima_jax.convert.safety import export_target, writing_into
 from lima_jax.convert.tokenizer_files import hf_tokenizer_files
 from lima_jax.hostmem import bound_heap
 from lima_jax.model import ModelConfig, abstract_params
+from lima_jax.sampling.decoding import LIMA
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
-# LIMA's decoding (sampling.SamplingSettings' defaults; a test keeps them equal), for transformers.
-LIMA_DECODING = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.2,
-                 "max_new_tokens": 2048}
+LIMA_DECODING = LIMA.generation_config()  # LIMA's decoding, written once (sampling.decoding), for transformers
 
 
 def generation_config(eot_id: int | None, bos_id: int | None = BOS_ID, eos_id: int | None = EOS_ID) -> dict:

@@ -1,6 +1,6 @@
 """The KV cache's writes: the new tokens' keys, values and segment ids into their slots.
 
-The cache (allocated by lima_jax.sampling.generate.init_cache) is {"k", "v": [L, B, KV, T, D],
+The cache (allocated by lima_jax.sampling.decode.init_cache) is {"k", "v": [L, B, KV, T, D],
 "segment_ids": [B, T]}; a forward pass over S new tokens writes them at slots index[b] ..
 index[b] + S - 1 of each row b. The whole k and v ride through the layers and each layer
 writes its own slice in place: slicing a layer out and writing it back would copy it three

@@ -1,7 +1,7 @@
-"""Sampling: decoding transforms, the KV-cache prefill + decode loop, batch answering."""
+"""Sampling: LIMA's decoding settings and transforms (decoding.py), the one decode step with
+continuous batching (decode.py), the Sampler and answers files (sampler.py, answers.py), the
+streaming detokenizer (text.py)."""
 
-from lima_jax.sampling.generate import cache_logical_axes, generate, init_cache
-from lima_jax.sampling.transforms import SamplingSettings, next_token, repetition_penalty, temperature, top_k, top_p
+from lima_jax.sampling.decoding import LIMA, SamplingSettings
 
-__all__ = ["SamplingSettings", "cache_logical_axes", "generate", "init_cache", "next_token", "repetition_penalty",
-           "temperature", "top_k", "top_p"]
+__all__ = ["LIMA", "SamplingSettings"]

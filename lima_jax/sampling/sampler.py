@@ -1,5 +1,6 @@
-"""Host side of sampling: load a checkpoint onto a mesh, format prompts as in training, batch
-them (padding to few shapes so few compilations), answer a LIMA jsonl file, stream tokens.
+"""Host side of sampling: a model ready to answer (`Sampler`), prompts formatted as in training,
+answers decoded by the one decode step (decode.py) with continuous batching, streamed text,
+a LIMA jsonl file answered into an answers file.
 
 The prompt format is the checkpoint's chat format (lima_jax.data.chat_format: `lima`, `llama3`,
 `chatml`), so a fine-tuned model sees exactly what it was taught; `fmt="raw"` feeds the text
@@ -7,28 +8,27 @@ as-is after BOS, for base models. Answers end with the format's end-of-turn toke
 continuations end with EOS (both stop every format).
 """
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from lima_jax.data import chat_format
 from lima_jax.model import ModelConfig
-from lima_jax.sampling.generate import generate
-from lima_jax.sampling.transforms import SamplingSettings
-from lima_jax.sharding import logical_to_spec
+from lima_jax.sampling.decode import PROMPT_BUCKET, Decoder, Request
+from lima_jax.sampling.decoding import LIMA, SamplingSettings
+from lima_jax.sampling.text import TextStream
 
 log = logging.getLogger(__name__)
 
 FORMATS = (*chat_format.FORMATS, "raw")
-PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one compilation per bucket
+SLOTS = 8  # rows decoded together by default (sample.py's --batch_size)
+STEPS = 8  # tokens a slot advances per host round trip (decode_steps); a finished slot waits at most this
 
 
 @dataclasses.dataclass
@@ -65,110 +65,82 @@ class Sampler:
                              "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
         return chat_format.prompt_ids(turns, self.tokenizer, fmt, system)
 
-    def _batch_multiple(self) -> int:
-        if self.mesh is None:
-            return 1
-        spec = logical_to_spec(("batch",), self.mesh.axis_names)[0]
-        axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-        return math.prod(self.mesh.shape[a] for a in axes)
+    def decoder(self, slots: int, length: int | None = None, prompt_width: int | None = None) -> Decoder:
+        """The decode step's slots over this model (`length`: cache positions, the model's context
+        by default; `prompt_width`: see Decoder)."""
+        return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width)
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, seed: int = 0,
-                     row_ids: Sequence[int] | None = None,
-                     on_token: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[dict]:
-        """Answer token ids for a batch of prompt ids: [{"ids", "stopped"}] per prompt.
+    def decode(self, requests: Sequence[Request], slots: int = SLOTS,
+               on_token: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, dict]]:
+        """Decode requests in `slots` slots, continuous batching: a finished row takes the next
+        request at once. Yields (index in `requests`, {"ids", "stopped"}) as each answer ends,
+        so out of order; `on_token(index, token)` gets each answer token as it is picked.
+
+        The cache holds the longest prompt (bucketed) plus the largest max_tokens; positions past
+        model.max_seq_len were never trained (a warning). Every prefill pads to the longest
+        prompt, and takes either every slot (the first) or one prompt (a slot that came free; a
+        few at once take one prefill each), so two prefill shapes and one step compile. The
+        device runs STEPS tokens per call (`decode_steps`), so `on_token` comes in bursts."""
+        if not requests:
+            return
+        longest = max(len(r.prompt) for r in requests)
+        most = max(r.max_tokens for r in requests)
+        if longest + most > self.cfg.max_seq_len:
+            log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_len=%d: positions "
+                        "beyond it were never trained", longest, most, self.cfg.max_seq_len)
+        width = math.ceil(longest / PROMPT_BUCKET) * PROMPT_BUCKET
+        decoder = self.decoder(min(slots, len(requests)), width + most, width)
+        waiting, answers = deque(enumerate(requests)), {}
+        decoder.admit([waiting.popleft() for _ in range(min(decoder.num_slots, len(waiting)))])
+        while waiting or decoder.active:
+            for _ in range(min(len(decoder.free), len(waiting))):
+                decoder.admit([waiting.popleft()])
+            _, events = decoder.step(STEPS)
+            for _, index, token, reason in events:
+                ids = answers.setdefault(index, [])
+                if reason != "stop":
+                    ids.append(token)
+                    if on_token is not None:
+                        on_token(index, token)
+                if reason is not None:
+                    yield index, dict(ids=answers.pop(index), stopped=reason == "stop")
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings = LIMA, seed: int = 0,
+                     row_ids: Sequence[int] | None = None, slots: int = SLOTS) -> list[dict]:
+        """Answer token ids for prompt ids, in order: [{"ids", "stopped"}] per prompt.
 
         `row_ids` (default 0..n-1) pick each prompt's random stream, so with the same seed a
-        prompt gets the same answer whatever batch it is in. `on_token(step, tokens [B])` is
-        called from the device loop as tokens come (streaming)."""
-        n = len(prompts)
-        row_ids = list(range(n)) if row_ids is None else list(row_ids)
-        longest = max(len(p) for p in prompts)
-        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-        if longest + settings.max_new_tokens > self.cfg.max_seq_len:
-            log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_len=%d: positions "
-                        "beyond it were never trained", longest, settings.max_new_tokens, self.cfg.max_seq_len)
-        rows = -(-n // self._batch_multiple()) * self._batch_multiple()
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)  # filler rows: one token
-        ids = np.zeros(rows, np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-            lengths[i] = len(p)
-            ids[i] = row_ids[i]
-        args = (tokens, lengths, ids)
-        if self.mesh is not None:
-            shard = lambda a: jax.device_put(a, NamedSharding(  # noqa: E731
-                self.mesh, logical_to_spec(("batch", "length")[:a.ndim], self.mesh.axis_names)))
-            args = tuple(shard(a) for a in args)
-        callback = None
-        if on_token is not None:
-            callback = _StreamCallback(on_token, n)
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            out = generate(self.cfg, settings, self.params, args[0], args[1], jax.random.key(seed),
-                           row_ids=args[2], stop_ids=self.stop_ids, on_token=callback)
-        out = jax.device_get(out)
-        return [dict(ids=out["tokens"][i, :out["lengths"][i]].tolist(), stopped=bool(out["stopped"][i]))
-                for i in range(n)]
+        prompt gets the same answer whatever its slot or neighbours."""
+        row_ids = range(len(prompts)) if row_ids is None else row_ids
+        requests = [Request.of(p, settings, seed, int(r)) for p, r in zip(prompts, row_ids, strict=True)]
+        out = dict(self.decode(requests, slots))
+        return [out[i] for i in range(len(prompts))]
 
-    def answer(self, turns: str | Sequence[str], settings: SamplingSettings = SamplingSettings(), seed: int = 0,
+    def answer(self, turns: str | Sequence[str], settings: SamplingSettings = LIMA, seed: int = 0,
                fmt: str | None = None, stream: Callable[[str], None] | None = None, system: str | None = None) -> dict:
-        """One prompt -> {"answer", "prompt_tokens", "answer_tokens", "stopped"}; `stream(text)` gets
-        each new piece of text as it is decoded."""
+        """One prompt (stream id 0) -> {"answer", "prompt_tokens", "answer_tokens", "stopped"};
+        `stream(text)` gets each settled piece of text as it is decoded (the pieces join to the answer)."""
         ids = self.prompt_ids(turns, fmt, system)
-        on_token = None
+        text = TextStream(self.tokenizer)
+        on_token = None if stream is None else lambda _, token: stream(text.add(token))
+        [(_, out)] = self.decode([Request.of(ids, settings, seed)], 1, on_token)
         if stream is not None:
-            on_token = _TextStream(self.tokenizer, stream, self.stop_ids)
-        [out] = self.generate_ids([ids], settings, seed, on_token=on_token)
+            stream(text.finish())
         return dict(answer=self.tokenizer.decode(out["ids"]), prompt_tokens=len(ids),
                     answer_tokens=len(out["ids"]), stopped=out["stopped"])
 
 
-class _StreamCallback:
-    """Hashable by identity (a static argument of the jitted loop). Ordered callbacks are not
-    allowed on several devices, so steps may arrive out of order (or twice): they are held
-    back and passed on in step order, once each. Filler rows are trimmed."""
-
-    def __init__(self, fn: Callable, rows: int):
-        self.fn, self.rows, self.next, self.pending = fn, rows, 0, {}
-
-    def __call__(self, step, tokens):
-        step = int(step)
-        if step >= self.next:
-            self.pending[step] = np.asarray(tokens)[: self.rows]
-        while self.next in self.pending:
-            self.fn(self.next, self.pending.pop(self.next))
-            self.next += 1
-
-
-class _TextStream:
-    """Decode the growing answer of row 0 and emit only the new text (SentencePiece joins pieces
-    with context, so the whole answer is decoded each time and the new suffix printed)."""
-
-    def __init__(self, tokenizer, emit, stop_ids):
-        self.tokenizer, self.emit, self.stop_ids = tokenizer, emit, set(stop_ids)
-        self.ids, self.text, self.done = [], "", False
-
-    def __call__(self, step, tokens):
-        token = int(tokens[0])
-        if self.done or token in self.stop_ids:
-            self.done = True
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.text):
-            self.emit(text[len(self.text):])
-            self.text = text
-
-
-def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings: SamplingSettings = SamplingSettings(),
-                batch_size: int = 8, seed: int = 0, fmt: str | None = None, progress: bool = True,
+def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings: SamplingSettings = LIMA,
+                batch_size: int = SLOTS, seed: int = 0, fmt: str | None = None, progress: bool = True,
                 overwrite: bool = False, resume: bool = False) -> dict:
     """Answer every line of a LIMA-format jsonl file (`{"conversations": [user, ...]}`, ending
-    with a user turn), `batch_size` prompts at a time in file order; append one JSON line per
-    prompt (the prompt, the answer, token counts, the settings) as each batch finishes. An
-    existing output is refused unless `overwrite`, or `resume`d after the prompts it already
-    answers (same prompts, same settings: answers do not depend on the batch, so the file ends
-    as an uninterrupted run's). Returns a summary (counts, tokens/s)."""
+    with a user turn) in `batch_size` slots, continuous batching: a finished answer's slot takes
+    the next prompt at once. Answers end out of order; they are appended in file order (one JSON
+    line per prompt: the prompt, the answer, token counts, the settings) as soon as every
+    earlier one is written. Prompt i draws its own stream (seed, i), so the file does not depend
+    on the slots. An existing output is refused unless `overwrite`, or `resume`d after the
+    prompts it already answers (same prompts, same settings: the file ends as an uninterrupted
+    run's). Returns a summary (counts, tokens/s)."""
     from tqdm import tqdm
 
     from lima_jax.sampling.answers import AnswersFile, check_resumed, read_prompts
@@ -180,14 +152,19 @@ def answer_file(sampler: Sampler, prompts_path: str, output_path: str, settings:
     check_resumed(answers.done, records, meta, output_path, prompts_path)
     prompts = [sampler.prompt_ids(turns, fmt) for _, turns in records]
     first = len(answers.done)
-    started, new_tokens = time.time(), 0
+    requests = [Request.of(prompts[i], settings, seed, i) for i in range(first, len(records))]
+    started, new_tokens, finished, written = time.time(), 0, {}, first
     with tqdm(total=len(records), initial=first, disable=not progress, unit="prompt", desc="answering") as bar:
-        for start in range(first, len(records), batch_size):
-            chunk = range(start, min(start + batch_size, len(records)))
-            outs = sampler.generate_ids([prompts[i] for i in chunk], settings, seed, row_ids=list(chunk))
-            answers.append([_answer_row(sampler, records[i], prompts[i], out, meta) for i, out in zip(chunk, outs)])
-            new_tokens += sum(len(out["ids"]) for out in outs)
-            bar.update(len(chunk))
+        for index, out in sampler.decode(requests, batch_size):
+            finished[first + index] = out
+            new_tokens += len(out["ids"])
+            ready = []
+            while written in finished:  # file order: an answer waits for the ones before it
+                ready.append(_answer_row(sampler, records[written], prompts[written], finished.pop(written), meta))
+                written += 1
+            if ready:
+                answers.append(ready)
+            bar.update(1)
             bar.set_postfix(tok_s=f"{new_tokens / (time.time() - started):.1f}")
     seconds = time.time() - started
     return {"prompts": len(records), "resumed": first, "answer_tokens": new_tokens, "seconds": seconds,

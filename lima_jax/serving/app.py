@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lima_jax.data import chat_format
+from lima_jax.sampling.text import TextStream, token_text
 from lima_jax.serving.engine import Engine, Finished, Request, Token
 from lima_jax.serving.protocol import ChatRequest, CompletionRequest, InvalidRequest, chat_turns, settings_of
-from lima_jax.serving.text import TextStream, token_text
 
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from lima_jax.sampling.decoding import SamplingSettings
 from lima_jax.sampling.sampler import Sampler
-from lima_jax.sampling.transforms import SamplingSettings
 
 HELP = "/reset forgets the conversation, /exit leaves"
 
@@ -36,11 +36,7 @@ class Conversation:
         settings = self.settings
         if settings.max_new_tokens > room:  # never past the positions the model was trained on
             settings = type(settings)(**dict(settings.as_dict(), max_new_tokens=room))
-        shown = []
-        show = None if stream is None else lambda piece: (shown.append(piece), stream(piece))
-        out = self.sampler.answer(turns, settings, self.seed + len(self.turns) // 2, stream=show)
-        if stream is not None and out["answer"].startswith("".join(shown)):  # text the stream held back, if any
-            stream(out["answer"][len("".join(shown)):])
+        out = self.sampler.answer(turns, settings, self.seed + len(self.turns) // 2, stream=stream)
         self.turns = turns + [out["answer"]]
         return out
 

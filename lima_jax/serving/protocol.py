@@ -18,9 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lima_jax.sampling.transforms import SamplingSettings
+from lima_jax.sampling.decoding import LIMA
 
-LIMA = SamplingSettings()
 MAX_STOP = 4  # as OpenAI
 
 

@@ -11,6 +11,7 @@ import pathlib
 
 import jax
 
+from lima_jax.sampling.decode import DEFAULT_SLOTS
 from lima_jax.serving.engine import Engine
 from lima_jax.serving.feed import BroadcastFeed, LocalFeed
 
@@ -27,7 +28,7 @@ def model_name_from_path(checkpoint_path: str) -> str:
     return parts[-1] if parts else "lima"
 
 
-def build_engine(checkpoint_path: str, config=None, tokenizer_path: str | None = None, slots: int = 16,
+def build_engine(checkpoint_path: str, config=None, tokenizer_path: str | None = None, slots: int = DEFAULT_SLOTS,
                  mesh_overrides: dict | None = None) -> Engine:
     """The checkpoint on its mesh, behind an engine of `slots` slots (not started)."""
     from lima_jax.sampling.sampler import load_sampler

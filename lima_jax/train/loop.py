@@ -324,8 +324,8 @@ def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:
     n = config.train.sample_dev_prompts
     if n <= 0:
         return
-    from lima_jax.sampling.sampler import Sampler  # sampling is optional for training
-    from lima_jax.sampling.transforms import SamplingSettings
+    from lima_jax.sampling.decoding import SamplingSettings  # sampling is optional for training
+    from lima_jax.sampling.sampler import Sampler
 
     sampler = Sampler(run.program.model_cfg, params, data.tokenizer, run.program.mesh, config.data.chat_format)
     prompts = pipeline.dev_prompts(data, n)

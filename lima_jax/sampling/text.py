@@ -1,5 +1,5 @@
-"""From generated token ids to the text a client sees: incremental decoding, stop strings,
-and the per-token text of logprobs.
+"""From generated token ids to the text a reader sees: the one streaming detokenizer (sample.py
+--prompt, the chat, the server's SSE), stop strings, and the per-token text of logprobs.
 
 SentencePiece decodes a piece with its context (a leading space, bytes of one character
 split over byte-fallback pieces), so the whole answer is decoded each time and only a
