@@ -434,7 +434,8 @@ class ParamsReader:
     of the stored dtype, reading only the chunks that slice touches; nothing is cached, so an
     exporter walking a model layer by layer holds one layer's tensor at a time. Works for
     converted and trained checkpoints (zarr2 or zarr3, OCDBT or not, per the item's
-    `_METADATA`). `path` is as in `locate`.
+    `_METADATA`). `path` is as in `locate`. What is read is fingerprinted on the way; `verify()`
+    then checks every leaf read whole (all its slices) as a restore does.
     """
 
     def __init__(self, path):
@@ -449,6 +450,8 @@ class ParamsReader:
         self._ts_utils = ts_utils
         self._context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
         self._open: dict = {}
+        self.recorded = read_fingerprints(root / str(step)).get(PARAMS, {})
+        self._read: dict = {}  # leaf name -> [HostFingerprint, elements read, all finite]
 
     def array(self, path: tuple[str, ...]):
         """The leaf as a lazily read `tensorstore.TensorStore` (has `.shape`, `.dtype`)."""
@@ -461,5 +464,30 @@ class ParamsReader:
         return self._open[name]
 
     def read(self, path: tuple[str, ...], index=None):
+        import numpy as np
+
         array = self.array(path)
-        return (array if index is None else array[index]).read().result()
+        value = (array if index is None else array[index]).read().result()
+        seen = self._read.setdefault("/".join(path), [fp.HostFingerprint(), 0, True])
+        seen[0].add(value, 0 if index is None else index * value.size)
+        seen[1] += value.size
+        seen[2] = seen[2] and (value.dtype.kind not in "fc" or bool(np.isfinite(value).all()))
+        return value
+
+    def verify(self) -> None:
+        """DamagedCheckpoint if a leaf read whole differs from its fingerprint or is not finite."""
+        bad, nonfinite = [], []
+        for name, (fingerprint, elements, finite) in self._read.items():
+            array = self.array(tuple(name.split("/")))
+            if elements != array.size:
+                continue
+            recorded = self.recorded.get(name)
+            if recorded is not None and recorded != f"{array.dtype.numpy_dtype}:{fingerprint.hex()}":
+                bad.append(name)
+            if not finite:
+                nonfinite.append(name)
+        if bad:
+            raise DamagedCheckpoint(f"{self.dir.parent}: the params array(s) {', '.join(bad[:4])} differ from their "
+                                    "fingerprints (the files changed after saving: a bad disk or copy)")
+        if nonfinite:
+            raise DamagedCheckpoint(f"{self.dir.parent}: its params {', '.join(nonfinite[:4])} hold non-finite values")

@@ -322,6 +322,7 @@ def read_adapters(path, lora: LoraConfig) -> dict:
     for name in lora.targets:
         key = target_path(name)[0]
         set_path(adapters, key, {k: np.asarray(reader.read((*key, k)), np.float32) for k in ("a", "b")})
+    reader.verify()
     return adapters
 
 
@@ -343,6 +344,10 @@ class MergedReader:
 
     def array(self, path: tuple[str, ...]):
         return self.base.array(path)
+
+    def verify(self) -> None:
+        """The base's tensors read whole against their fingerprints (the adapters were, when read)."""
+        self.base.verify()
 
     def read(self, path: tuple[str, ...], index=None):
         import numpy as np

@@ -3,6 +3,8 @@ changes, checked on every restore with non-finite values; training steps back pa
 checkpoint; readers refuse a damaged step they were asked for by name."""
 
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from lima_jax.errors import DamagedCheckpoint
 from lima_jax.model import ModelConfig, abstract_params, init_params
 from lima_jax.train import loop
 from tests.checkpoint_faults import flip_bit, save_nan, stored_arrays
+from tests.conftest import ROOT, cpu_env
 from tests.tiny_run import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -85,6 +88,25 @@ def test_newest_good_steps_back_from_a_work_dir_and_refuses_a_named_step(tmp_pat
         ckpt.newest_good(tmp_path / "ckpt" / "5", load, warnings.append)
 
 
+def test_the_hf_export_passes_over_a_damaged_step_and_refuses_it_by_name(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from lima_jax.convert import export_hf
+
+    _converted(tmp_path)
+    export_hf(tmp_path / "ckpt" / "0", tmp_path / "reference")
+    shutil.copytree(tmp_path / "ckpt" / "0", tmp_path / "ckpt" / "5")  # a later step, then damaged
+    flip_bit(tmp_path / "ckpt" / "5" / "params", "layers.mlp.w1", flat_index=7, bit=30)
+    export_hf(tmp_path / "ckpt", tmp_path / "fallback")
+    assert "step 5 is damaged" in capsys.readouterr().err
+    for shard in (tmp_path / "reference").glob("*.safetensors"):
+        ours = load_file(tmp_path / "fallback" / shard.name)
+        jax.tree.map(np.testing.assert_array_equal, ours, load_file(shard))
+    with pytest.raises(DamagedCheckpoint, match="layers/mlp/w1 differ from their fingerprints"):
+        export_hf(tmp_path / "ckpt" / "5", tmp_path / "named")
+    assert not (tmp_path / "named").exists() and not any(tmp_path.glob("named.tmp*"))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny run's work dir with checkpoints at steps 3 (epoch 1, kept) and 4."""
@@ -115,3 +137,27 @@ def test_training_resumes_from_the_step_before_a_damaged_one(trained, tmp_path, 
     out = capsys.readouterr().out
     assert "/4 is damaged" in out and reason in out and "checkpoints/3\n" in out, out[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "damaged" / "4").is_dir()
+
+
+def test_sample_py_answers_as_the_step_before_a_damaged_one_and_refuses_it_by_name(trained, tmp_path):
+    """sample.py given the work dir: the newest step fails its fingerprints, so the answer is the
+    previous step's (the reference: that step named explicitly), with a warning on stderr;
+    the damaged step named explicitly is refused with exit status 2."""
+    workdir, _ = trained
+    shutil.copytree(workdir, tmp_path / "run")
+    step4 = tmp_path / "run" / "checkpoints" / "4"
+    flip_bit(step4 / "params", stored_arrays(step4 / "params")[0], flat_index=3, bit=20)
+
+    def sample(checkpoint):
+        cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--checkpoint", str(checkpoint), "--prompt",
+               "Tell me about the sea.", "--format", "raw", "--greedy", "--repetition_penalty", "1.0",
+               "--max_new_tokens", "12", "--nostream"]
+        return subprocess.run(cmd, env=cpu_env(1, fast_compile=True), capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+
+    fallback, reference = sample(tmp_path / "run"), sample(tmp_path / "run" / "checkpoints" / "3")
+    assert reference.returncode == 0 and reference.stdout.strip(), reference.stderr[-2000:]
+    assert fallback.returncode == 0 and fallback.stdout == reference.stdout, fallback.stderr[-2000:]
+    assert "checkpoint step 4 is damaged" in fallback.stderr and "differ from their fingerprints" in fallback.stderr
+    named = sample(step4)
+    assert named.returncode == 2 and "damaged checkpoint" in named.stderr and "named explicitly" in named.stderr

@@ -16,10 +16,11 @@ A LoRA checkpoint exports merged: its base's tensors plus the adapters (`model_s
 
 import json
 import logging
+import sys
 
 import numpy as np
 
-from lima_jax import model_store
+from lima_jax import checkpoint, model_store
 from lima_jax.convert.errors import ConversionError
 from lima_jax.convert.hf_config import BOS_ID, EOS_ID, stop_ids, write_hf_config
 from lima_jax.convert.layout import get_path, layout
@@ -73,8 +74,17 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
 
     `dtype` (float32 / bfloat16 / float16) defaults to the checkpoint's param_dtype. Atomic:
     written to `<output>.tmp-export` and renamed when complete. Host memory: one tensor (one
-    layer's slice of a stacked leaf, read alone from the checkpoint) at a time."""
+    layer's slice of a stacked leaf, read alone from the checkpoint) at a time. The tensors read
+    are checked against their fingerprints before the folder is committed: a damaged newest step
+    of a work dir is passed over with a warning (`checkpoint.newest_good`), a damaged step named
+    explicitly is refused."""
     out, tmp = export_target(checkpoint_path, output, overwrite=overwrite)
+    return checkpoint.newest_good(
+        checkpoint_path, lambda step: _export_step(step, out, tmp, tokenizer, dtype, max_shard_bytes),
+        warn=lambda message: print(message, file=sys.stderr, flush=True))
+
+
+def _export_step(checkpoint_path, out, tmp, tokenizer, dtype: str | None, max_shard_bytes: int) -> dict:
     meta = model_store.read_meta(checkpoint_path)
     cfg = meta.model
     dtype = dtype or cfg.param_dtype
@@ -119,6 +129,7 @@ def export_hf(checkpoint_path, output, *, tokenizer=None, dtype: str | None = No
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot_id, **ids), indent=2))
         for name, contents in tok_files.items():
             (tmp / name).write_bytes(contents)
+        reader.verify()  # before the rename: a damaged step leaves no output
     return {"model": cfg, "bytes_written": total, "files": len(shards), "output": str(out), "tokenizer": bool(tok_files)}
 
 
