@@ -136,16 +136,13 @@ def test_lima_plans_reach_95_percent_real_tokens(shared_dir):
 def test_bucketed_run_has_the_single_shape_run_losses(tmp_path):
     """The same steps (random grouping) on one shape (3 rows) and on two buckets (2 and 3 rows,
     each compiled once by the loop): the padding rows change no loss."""
-    from lima_jax.train.loop import train
-    from tests.tiny_run import losses, tiny_config
+    from tests.tiny_run import finish, launch, losses
 
     runs = {}
-    for buckets in (1, 2):
-        config = tiny_config(max_steps=3, checkpoint_every_steps=0, keep_epochs=(),
-                             compilation_cache_dir=str(tmp_path / "xla"))  # the 3-row step compiles once
-        config.data.update(grouping="random", row_buckets=buckets, examples_per_step=16)  # steps 1-3: 2, 3, 2 rows
-        config.model.residual_dropout = 0.0  # dropout masks follow the batch shape
-        train(config, tmp_path / str(buckets))
+    for buckets in (1, 2):  # the 3-row step compiles once (a shared cache); unoptimised: 3 steps run little
+        finish(launch(tmp_path / str(buckets), tmp_path / "xla", "--config.data.grouping=random",
+                      f"--config.data.row_buckets={buckets}", "--config.data.examples_per_step=16",  # 2, 3, 2 rows
+                      "--config.model.residual_dropout=0", "--config.train.max_steps=3", fast_compile=True))
         runs[buckets] = losses(tmp_path / str(buckets))
     assert sorted(runs[1]) == [1, 2, 3]
     np.testing.assert_allclose([runs[2][s] for s in (1, 2, 3)], [runs[1][s] for s in (1, 2, 3)], rtol=2e-5)

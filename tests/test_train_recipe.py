@@ -67,7 +67,7 @@ def test_resume_with_a_changed_recipe_is_refused(tmp_path, cache):
     ("data.seq_len", 1024, r"config\.data\.seq_len=1024 is longer than config\.model\.max_seq_len=512"),
     ("data.rows_per_step", 1, r"config\.data\.rows_per_step=1: the fullest step's examples need \d+ rows"),
     ("train.grad_accum_steps", 3, r"grad_accum_steps=3 does not divide config\.data\.rows_per_step=4"),
-    ("model.vocab_size", 600, r"512 ids, but config\.model\.vocab_size=600"),
+    ("model.vocab_size", 600, r"512 ids \(pieces \+ EOT\), but config\.model\.vocab_size=600"),
     ("train.accept_changed", ("data.packing",), r"accept_changed names \['data.packing'\]"),
 ])
 def test_invalid_values_are_refused_naming_the_key(tmp_path, key, value, message):
