@@ -31,9 +31,12 @@ def sharegpt_record(c: dict) -> dict:
 
 
 def alpaca_record(c: dict) -> dict:
-    """Single-turn only; a user turn "instruction\\ninput" is split back into its two fields."""
-    instruction, _, extra = c["turns"][0].partition("\n")
-    return dict(instruction=instruction, input=extra, output=c["turns"][1], source=c["source"],
+    """The last exchange as instruction/input/output (a user turn "instruction\\ninput" is split
+    back into its two fields), earlier exchanges as `history` pairs."""
+    turns = list(c["turns"])
+    instruction, _, extra = turns[-2].partition("\n")
+    history = {"history": [turns[i:i + 2] for i in range(0, len(turns) - 2, 2)]} if len(turns) > 2 else {}
+    return dict(instruction=instruction, input=extra, output=turns[-1], source=c["source"], **history,
                 **({"system": c["system"]} if "system" in c else {}))
 
 

@@ -1,6 +1,7 @@
 """The tiny run trains the same on the demo data whatever it is written in: LIMA jsonl (the
-reference), OpenAI-messages jsonl, OpenAI-messages Parquet, a `datasets.save_to_disk` folder of
-ShareGPT records and a folder of LIMA Parquet shards give the same per-step losses (dropout off);
+reference), OpenAI-messages jsonl, OpenAI-messages Parquet, Alpaca jsonl (with `history` for
+the dialogues), a `datasets.save_to_disk` folder of ShareGPT records and a folder of LIMA
+Parquet shards give the same per-step losses (dropout off);
 a mixture resumes exactly. All runs share one process (and its compilations)."""
 
 import json
@@ -31,7 +32,7 @@ print("LOSSES " + json.dumps(out))
 
 
 def test_every_input_format_trains_like_lima_jsonl(tmp_path):
-    """Five inputs, then a 3:1 mixture of an OpenAI jsonl and a ShareGPT Parquet file run through
+    """Six inputs, then a 3:1 mixture of an OpenAI jsonl and a ShareGPT Parquet file run through
     4 steps, and again stopped after 2 and resumed: the same losses, and the start log counts the
     sources. Every run has the same 8 rows a step, so one compilation serves them all."""
     from lima_jax.data import demo
@@ -42,6 +43,7 @@ def test_every_input_format_trains_like_lima_jsonl(tmp_path):
         "lima": demo.DEMO_TRAIN,
         "openai_jsonl": F.write_jsonl(tmp_path / "openai.jsonl", openai),
         "openai_parquet": F.write_parquet(tmp_path / "openai.parquet", openai),
+        "alpaca_jsonl": F.write_jsonl(tmp_path / "alpaca.jsonl", [F.alpaca_record(c) for c in conversations]),
         "saved_sharegpt": F.write_saved_dataset(tmp_path / "saved", [F.sharegpt_record(c) for c in conversations]),
         "parquet_shards": F.write_parquet_shards(tmp_path / "shards", [F.lima_record(c) for c in conversations]),
     }
@@ -61,7 +63,7 @@ def test_every_input_format_trains_like_lima_jsonl(tmp_path):
         np.testing.assert_allclose([out[name][str(step)] for step in (1, 2, 3)], reference, rtol=1e-6, err_msg=name)
     # the start log says what each input was read as, and a mixture's examples by source
     for found in ("(lima, detected)", "openai.jsonl (openai, detected)", "openai.parquet (openai, detected)",
-                  "saved (sharegpt, detected)", "shards (lima, detected)"):
+                  "alpaca.jsonl (alpaca, detected)", "saved (sharegpt, detected)", "shards (lima, detected)"):
         assert re.search(re.escape(found) + r": 190 train examples", result.stdout), found
     assert re.search(r"a\.jsonl \(openai, detected, weight 3\), \S+b\.parquet \(sharegpt, detected, weight 1\): "
                      r"190 train examples", result.stdout)
