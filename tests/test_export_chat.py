@@ -11,9 +11,6 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -24,9 +21,10 @@ from lima_jax.convert.tokenizer_files import EOT_TOKEN
 from lima_jax.data.chat_format import encode, prompt_ids
 from lima_jax.data.conversation import Conversation
 from lima_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer
-from lima_jax.model import ModelConfig, bind, init_params
+from lima_jax.model import ModelConfig, init_params
 from lima_jax.sampling import SamplingSettings
 from tests.convert_fixtures import sample_cli, train_tokenizer
+from tests.train_fixtures import fit_to_answers
 
 PIECES = 400
 CFG = ModelConfig(vocab_size=PIECES + 1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_multiple=8,
@@ -42,32 +40,7 @@ MAX_NEW = 40
 
 def train(tokenizer: Tokenizer, steps: int = 250) -> dict:
     """Fit CFG to TRAIN with LIMA's loss (responses and their EOT only)."""
-    encoded = [encode(Conversation(tuple(turns)), tokenizer) for turns in TRAIN]
-    width = max(len(ids) for ids, _ in encoded)
-    ids, weights = np.zeros((len(encoded), width), np.int32), np.zeros((len(encoded), width), np.float32)
-    for row, (i, w) in enumerate(encoded):
-        ids[row, :len(i)], weights[row, :len(w)] = i, w
-    tokens, targets, weights = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.asarray(weights[:, 1:])
-
-    def loss(params):
-        logp = jax.nn.log_softmax(bind(CFG, params)(tokens))
-        nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return (nll * weights).sum() / weights.sum()
-
-    optimizer = optax.adam(1e-2)
-
-    @jax.jit
-    def step(params, state):
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    params = init_params(CFG, jax.random.key(0))
-    state = optimizer.init(params)
-    for _ in range(steps):
-        params, state, value = step(params, state)
-    assert float(value) < 0.05, f"the tiny model did not learn its answers (loss {float(value)})"
-    return jax.device_get(params)
+    return fit_to_answers(CFG, [encode(Conversation(tuple(turns)), tokenizer) for turns in TRAIN], steps)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -20,9 +18,10 @@ from lima_jax.convert import export_hf
 from lima_jax.data.chat_format import encode
 from lima_jax.data.conversation import Conversation
 from lima_jax.data.tokenizer import load_tokenizer
-from lima_jax.model import bind, init_params
+from lima_jax.model import init_params
 from tests.convert_fixtures import sample_cli
 from tests.test_export_chat import CFG, TRAIN
+from tests.train_fixtures import fit_to_answers
 
 CFG3 = dataclasses.replace(CFG, vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_multiple=128)
 SYSTEM = "Answer in one sentence."
@@ -38,31 +37,7 @@ def train(tok, steps: int = 150) -> dict:
     encoded = [encode(conv, tok, "llama3") for conv in CONVS]
     used = np.unique(np.concatenate([ids for ids, _ in encoded]))
     small = dataclasses.replace(CFG3, vocab_size=len(used), vocab_multiple=8)
-    width = max(len(ids) for ids, _ in encoded)
-    ids, weights = np.zeros((len(encoded), width), np.int32), np.zeros((len(encoded), width), np.float32)
-    for row, (i, w) in enumerate(encoded):
-        ids[row, :len(i)], weights[row, :len(w)] = np.searchsorted(used, i), w  # ids among the used ones
-    tokens, targets, weights = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.asarray(weights[:, 1:])
-
-    def loss(params):
-        logp = jax.nn.log_softmax(bind(small, params)(tokens))
-        nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return (nll * weights).sum() / weights.sum()
-
-    optimizer = optax.adam(1e-2)
-
-    @jax.jit
-    def step(params, state):
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    params = init_params(small, jax.random.key(0))
-    state = optimizer.init(params)
-    for _ in range(steps):
-        params, state, value = step(params, state)
-    assert float(value) < 0.05, f"the tiny model did not learn its answers (loss {float(value)})"
-    params = jax.device_get(params)
+    params = fit_to_answers(small, [(np.searchsorted(used, ids), w) for ids, w in encoded], steps)  # ids among the used
     full = jax.tree.map(np.array, jax.device_get(init_params(CFG3, jax.random.key(1))))
     full["embed"][used] = params["embed"][:len(used)]
     full["lm_head"][:, used] = params["lm_head"][:, :len(used)]

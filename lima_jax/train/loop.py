@@ -38,6 +38,7 @@ class Run:
     program: TrainProgram
     manager: object  # orbax CheckpointManager
     identity: dict  # config_lib.run_identity, saved in every checkpoint
+    lora: model_store.LoraRecord | None  # the adapters' settings and base (its fingerprint read once), saved too
     epoch_ends: list[int]  # the step each epoch ends at
     train_iter: object  # the Grain iterator of the steps' batches (restored in place on resume)
 
@@ -109,7 +110,7 @@ def prepare(config, workdir) -> Run:
     keep = [epoch_ends[e - 1] for e in config.train.keep_epochs if 0 < e <= epochs]
     manager = ckpt.manager(workdir / ckpt.CHECKPOINTS_SUBDIR, keep_steps=keep,
                            async_save=config.train.async_checkpointing)
-    run = Run(config, workdir, data, plan, layout, program, manager, identity, epoch_ends,
+    run = Run(config, workdir, data, plan, layout, program, manager, identity, model_store.lora_record(config), epoch_ends,
               pipeline.train_iterator(data, plan))
     check_resume(run)
     return run
@@ -202,7 +203,7 @@ def load_base(run: Run) -> dict:
     """A LoRA run's frozen base on the state's shardings (model_store.frozen_base: the weights of
     `config.init_checkpoint`, or the seed's random init, full fine-tuning's). On a resume it must
     still hold the weights the saved adapters were trained on (model_store.check_resumed_base)."""
-    program, record = run.program, model_store.lora_record(run.config)
+    program, record = run.program, run.lora
     step = run.manager.latest_step()
     if step is not None:
         model_store.check_resumed_base(run.manager.directory / str(step), record)
@@ -298,7 +299,7 @@ def save(run: Run, step: int, state: TrainState, train_iter) -> None:
     meta = model_store.CheckpointMeta(
         model=run.program.model_cfg, step=step, eot_id=tokenizer.eot_id, tokenizer=tokenizer.to_record(),
         chat_format=run.config.data.chat_format, config=json.loads(run.config.to_json_best_effort()), run=run.identity,
-        source={"from": "train"}, lora=model_store.lora_record(run.config))
+        source={"from": "train"}, lora=run.lora)
     ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta.to_json())
 
 
