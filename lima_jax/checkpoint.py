@@ -97,18 +97,20 @@ def target_tree(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def restore_params(path, abstract_params, shardings) -> dict:
+def restore_params(path, abstract_params, shardings, *, part: bool = False) -> dict:
     """The `params` item of a checkpoint (see `locate` for `path`), restored into `shardings`
     and checked against its fingerprints (`DamagedCheckpoint` if they differ or a value is not
-    finite). Leaves asked for in another dtype than saved are read one at a time in the saved
-    dtype, checked, then cast on the devices, so the whole tree never exists twice."""
+    finite). `part`: `abstract_params` is a subtree of the stored nested dict; the rest is not
+    read (a base read one tensor at a time). Leaves asked for in another dtype than saved are
+    read one at a time in the saved dtype, checked, then cast on the devices, so the whole tree
+    never exists twice."""
     root, step = locate(path)
     recorded = read_fingerprints(root / str(step)).get(PARAMS, {})
     names = [fp.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
     recast = [n for n, a in zip(names, jax.tree.leaves(abstract_params))
               if n in recorded and recorded[n].split(":")[0] != str(a.dtype)]
     if not recast:
-        return _restore_part(root, step, abstract_params, shardings, recorded, partial=False)
+        return _restore_part(root, step, abstract_params, shardings, recorded, partial=part)
     same = _select(abstract_params, lambda n: n not in recast)
     params = _restore_part(root, step, same, _like(shardings, same), recorded) if same else {}
     for name in recast:  # one leaf at a time: its saved dtype, checked, then cast
@@ -119,13 +121,6 @@ def restore_params(path, abstract_params, shardings) -> dict:
         value = _get(_restore_part(root, step, _nest(key, saved), _nest(key, sharding), recorded), key)
         _put(params, key, jax.jit(lambda x, d=leaf.dtype: x.astype(d), out_shardings=sharding, donate_argnums=0)(value))
     return params
-
-
-def restore_params_part(path, abstract_part, shardings) -> dict:
-    """Some leaves of a checkpoint's `params` (`abstract_part`: a subtree of its nested dict),
-    restored into `shardings` and checked like `restore_params`; the rest is not read (a base
-    read one tensor at a time)."""
-    return restore_params(path, abstract_part, shardings)
 
 
 def _restore_part(root, step: int, abstract, shardings, recorded: dict, partial: bool = True) -> dict:

@@ -287,9 +287,10 @@ def _read_int8_base(path, cfg: ModelConfig, dense_shardings, base_shardings) -> 
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract_params(cfg))
     matrices = {("layers", *path_): n_in for path_, n_in in TARGETS.values()}
-    base = checkpoint.restore_params_part(path, _without(abstract, matrices), _without(dense_shardings, matrices))
+    base = checkpoint.restore_params(path, _without(abstract, matrices), _without(dense_shardings, matrices), part=True)
     for key, n_in in matrices.items():
-        leaf = get_path(checkpoint.restore_params_part(path, _only(abstract, key), _only(dense_shardings, key)), key)
+        leaf = get_path(checkpoint.restore_params(path, _only(abstract, key), _only(dense_shardings, key), part=True),
+                        key)
         quantize = jax.jit(lambda w, n=n_in: lora_lib.quantize(w, n), out_shardings=get_path(base_shardings, key),
                            donate_argnums=0)
         set_path(base, key, quantize(leaf))

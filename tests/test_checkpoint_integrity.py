@@ -72,6 +72,16 @@ def test_a_params_tree_read_in_another_dtype_restores_cast(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(restored)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_a_subtree_restores_in_the_saved_and_in_another_dtype(tmp_path):
+    """The int8 LoRA base's path: some leaves only, checked like the whole tree."""
+    params, abstract, shardings = _converted(tmp_path)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        part = {"layers": {"mlp": {"w1": jax.ShapeDtypeStruct(abstract["layers"]["mlp"]["w1"].shape, dtype)}}}
+        where = {"layers": {"mlp": {"w1": shardings["layers"]["mlp"]["w1"]}}}
+        restored = ckpt.restore_params(tmp_path / "ckpt", part, where, part=True)
+        np.testing.assert_array_equal(restored["layers"]["mlp"]["w1"], params["layers"]["mlp"]["w1"].astype(dtype))
+
+
 def test_newest_good_steps_back_from_a_work_dir_and_refuses_a_named_step(tmp_path):
     params, abstract, shardings = _converted(tmp_path)
     shutil.copytree(tmp_path / "ckpt" / "0", tmp_path / "ckpt" / "5")  # a later step, then damaged
