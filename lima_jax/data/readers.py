@@ -99,7 +99,9 @@ def _file_records(path: str) -> Iterator[tuple[str, int, object]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        yield from _rows(path, pq.read_table(pa.BufferReader(storage.path(path).read_bytes())).to_pylist())
+        # no Arrow threads (read_table's scanner starts some): one alive at exit can abort the process
+        table = pq.ParquetFile(pa.BufferReader(storage.path(path).read_bytes())).read(use_threads=False)
+        yield from _rows(path, table.to_pylist())
         return
     if path.endswith(".json"):  # one JSON array of records, as Stanford's alpaca_data.json is written
         try:
