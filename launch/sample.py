@@ -1,4 +1,5 @@
-"""Answer prompts with a checkpoint: LIMA's decoding by default (p=0.9, t=0.7, penalty 1.2).
+"""Answer prompts with a checkpoint, or from any OpenAI-compatible endpoint: LIMA's decoding by
+default (p=0.9, t=0.7, penalty 1.2).
 
   python launch/sample.py --checkpoint WORKDIR_OR_CKPT --prompt "How do I ...?"
   python launch/sample.py --checkpoint CKPT --prompts test.jsonl --output answers.jsonl [--resume | --overwrite]

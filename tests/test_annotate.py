@@ -17,13 +17,13 @@ import urllib.request
 
 import pytest
 
-from lima_jax.evaluation.agreement import agreement
+from lima_jax.errors import ConfigError
+from lima_jax.evaluation.agreement import agreement, pair_agreement
+from lima_jax.evaluation.human import Annotation
 from tests.conftest import ROOT
 from tests.test_judge import free_port, write_jsonl
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Chromium and chromedriver "
-                                "(apt-get install chromium chromium-driver)")
 
 QUESTIONS = ["What is 2 plus 3?", "Name a colour.", "Give me one tip about sleep.", "What is the opposite of hot?",
              "Convert 2 km to meters."]
@@ -73,6 +73,8 @@ class Server:
 
 @pytest.fixture
 def browser():
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver; .ci/run does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -140,13 +142,56 @@ def start_as(driver, url: str, name: str):
     driver.find_element(By.ID, "annotator").send_keys(name, Keys.ENTER)
 
 
+def answers_files(folder) -> tuple[str, str]:
+    """A's file, and the baseline's with the same prompts in reverse order (paired by prompt, not line)."""
+    a_path = write_jsonl(folder / "lima.jsonl", [{"line": i + 1, "conversations": [q], "prompt": q, "answer": a}
+                                                 for i, (q, a) in enumerate(zip(QUESTIONS, A_ANSWERS))])
+    b_path = write_jsonl(folder / "gpt4.jsonl", [{"line": i + 1, "conversations": [q], "prompt": q, "answer": b}
+                                                 for i, (q, b) in enumerate(zip(QUESTIONS, B_ANSWERS))][::-1])
+    return a_path, b_path
+
+
+def test_tie_discounted_agreement_by_hand():
+    x = {0: "win", 1: "tie", 2: "loss", 3: "tie", 7: "win"}
+    y = {0: "win", 1: "loss", 2: "win", 3: "tie", 5: "loss"}  # 1 + 0.5 + 0 + 1 over the 4 shared prompts
+    assert pair_agreement(x, y) == {"prompts": 4, "points": 2.5, "accuracy": 0.625}
+    assert pair_agreement(x, {9: "win"})["accuracy"] is None
+
+
+def test_verdicts_once_each_a_torn_line_dropped_and_other_files_refused(tmp_path):
+    a_path, b_path = answers_files(tmp_path)
+    out = tmp_path / "human"
+    annotation = Annotation(a_path, b_path, str(out), seed="s")
+    shown = annotation.shown("ann", 2)
+    a_first = shown.first == A_ANSWERS[2]
+    assert {shown.first, shown.second} == {A_ANSWERS[2], B_ANSWERS[2]} and shown.turns == (QUESTIONS[2],)
+    row = annotation.record("ann", 2, "first")
+    assert row["outcome"] == ("win" if a_first else "loss") and row["baseline"] == f"{b_path}:3"
+    assert annotation.record("ann", 2, "second") is None  # a form sent twice: the first verdict counts
+    assert annotation.record("ann", 0, "tie")["outcome"] == "tie"
+    assert annotation.next_item("ann") == 1 and annotation.next_item("bob") == 0
+    with pytest.raises(ValueError, match="annotator name"):
+        annotation.record("a b", 1, "tie")
+    with open(out / "human.jsonl", "a") as f:
+        f.write('{"annotator": "ann", "it')  # killed mid-line
+    again = Annotation(a_path, b_path, str(out))  # the seed from session.json
+    assert again.progress() == {"ann": 2} and again.shown("ann", 2) == shown
+    again.record("ann", 1, "tie")
+    assert len((out / "human.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ConfigError, match="seed"):
+        Annotation(a_path, b_path, str(out), seed="other")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"conversations": [q], "answer": "x"} for q in QUESTIONS])
+    with pytest.raises(ConfigError, match="not on other.jsonl vs gpt4.jsonl"):
+        Annotation(other, b_path, str(out))
+    write_jsonl(tmp_path / "lima.jsonl", [{"conversations": [q], "answer": "new"} for q in QUESTIONS])  # regenerated
+    with pytest.raises(ConfigError, match="names, prompts and answers must be the same"):
+        Annotation(a_path, b_path, str(out))
+
+
 def test_two_annotators_restart_and_agreement(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    a_path = write_jsonl(tmp_path / "lima.jsonl", [{"line": i + 1, "conversations": [q], "prompt": q, "answer": a}
-                                                   for i, (q, a) in enumerate(zip(QUESTIONS, A_ANSWERS))])
-    b_path = write_jsonl(tmp_path / "gpt4.jsonl", [{"line": i + 1, "conversations": [q], "prompt": q, "answer": b}
-                                                   for i, (q, b) in enumerate(zip(QUESTIONS, B_ANSWERS))][::-1])
+    a_path, b_path = answers_files(tmp_path)
     out = tmp_path / "human"
     server = Server(["--answers", a_path, "--baseline", b_path, "--out", str(out), "--seed", "test"],
                     tmp_path / "annotate.log")

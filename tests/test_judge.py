@@ -550,8 +550,9 @@ def test_endpoint_answers_equal_the_checkpoints(proxy, judge_checkpoint, tmp_pat
     """`sample.py --endpoint` against serve.py writes the file `sample.py --checkpoint` writes on
     the same checkpoint, greedy (its `answer_file`, run here; the rows' settings record differs only
     in where the answers came from); 503s are retried; an interrupted file resumed with --resume is
-    finished from the reply cache, and ends as the uninterrupted one."""
+    finished from the reply cache sample.py left, and ends as the uninterrupted one."""
     from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.endpoint import answer_file_at_endpoint
     from lima_jax.sampling.sampler import answer_file, load_sampler
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"conversations": [q]} for q in QUESTIONS] +
@@ -579,10 +580,11 @@ def test_endpoint_answers_equal_the_checkpoints(proxy, judge_checkpoint, tmp_pat
         source = {k: a["settings"].pop(k) for k in ("format", "stop_ids")}
         assert b["settings"].pop("model") == "tiny-judge" and source["format"] == "lima"
         assert a == b
+    local_answers = answers_lib.read_answers(str(tmp_path / "local.jsonl"))  # they pair in judge.py, by prompt
+    assert len(answers_lib.pair_answers(local_answers, answers_lib.read_answers(str(output)), "local", "remote")) == 7
 
     output.write_text("".join(remote_text.splitlines(keepends=True)[:3]) + remote_text.splitlines()[3][:20])  # killed
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), *args, "--resume"], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(3 resumed, 0 requests sent (0 retries), {prompts_count - 3} answered from" in resumed.stdout
+    client = judge_for(proxy.url, f"{output}.cache.jsonl", role="endpoint")  # the cache sample.py wrote
+    summary = answer_file_at_endpoint(client, prompts, str(output), settings, resume=True, progress=False)
+    assert (summary["resumed"], summary["sent"], summary["answered_from_cache"]) == (3, 0, prompts_count - 3)
     assert proxy.forwarded == prompts_count and output.read_text() == remote_text

@@ -6,7 +6,8 @@ baseline ("B"): "win", "tie" or "loss", whatever side of the screen A was shown 
 keeps the screen side and the button too. Each annotator sees A on the left or the right by a
 hash of the session's seed, their name and the prompt's position, so the order is random per
 prompt and per annotator, and the same again after a restart. `DIR/session.json` records the
-files and the seed; a restart with other files is refused."""
+files (names and a digest of their prompts and answers) and the seed; a restart with other or
+changed files is refused."""
 
 import dataclasses
 import datetime
@@ -73,17 +74,17 @@ class Annotation:
 
     def _session(self, answers_path: str, baseline_path: str, seed: str | None) -> str:
         """The session's seed; session.json is written on the first start and checked on every other."""
-        prompts = hashlib.sha256(json.dumps([a.turns for a, _ in self.pairs]).encode()).hexdigest()
+        shown = hashlib.sha256(json.dumps([(a.turns, a.answer, b.answer) for a, b in self.pairs]).encode()).hexdigest()
         files = {"answers": os.path.basename(answers_path), "baseline": os.path.basename(baseline_path),
-                 "prompts": len(self.pairs), "prompts_sha256": prompts}
+                 "prompts": len(self.pairs), "sha256": shown}  # the files' names, prompts and answers
         path = self.folder / SESSION
         if path.exists():
             saved = json.loads(path.read_text())
             if {k: saved.get(k) for k in files} != files:
                 raise ConfigError(f"{path}: this folder holds verdicts on {saved.get('answers')} vs "
                                   f"{saved.get('baseline')} ({saved.get('prompts')} prompts), not on "
-                                  f"{files['answers']} vs {files['baseline']} ({files['prompts']} prompts); "
-                                  f"pass another --out")
+                                  f"{files['answers']} vs {files['baseline']} ({files['prompts']} prompts) as "
+                                  f"they are now (names, prompts and answers must be the same); pass another --out")
             if seed is not None and seed != saved["seed"]:
                 raise ConfigError(f"{path}: the session's seed is {saved['seed']!r}, not --seed {seed!r}: the "
                                   f"order shown would change mid-annotation; leave --seed out to resume")
