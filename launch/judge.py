@@ -4,11 +4,16 @@
       --judge_url https://api.openai.com/v1 --judge_model gpt-4o --out judged/ours_vs_theirs
   python launch/judge.py likert --answers ours.jsonl --judge_url URL --judge_model NAME --out judged/likert
   python launch/judge.py select --workdir WORKDIR [--baseline theirs.jsonl] --judge_url URL --judge_model NAME --out judged/select
+  python launch/judge.py agreement --human human/ours_vs_theirs [--judge judged/ours_vs_theirs]
 
 The API key is read from the environment variable named by --api_key_env (a local server needs
 none). OUT gets summary.json, verdicts.jsonl, chart.png and the reply cache judge_cache.jsonl:
 rerunning a command sends only the requests it has no reply for. The judge prompts are
 lima_jax/evaluation/prompts/*.txt (or --prompt_file).
+
+`agreement` asks no model: it reports the paper's tie-discounted agreement between the
+annotators of launch/annotate.py (HUMAN/human.jsonl) and between them and a pairwise judge run
+on the same files (JUDGE/verdicts.jsonl), into HUMAN/agreement.json (or --out).
 """
 
 import logging
@@ -19,16 +24,18 @@ from absl import app, flags
 
 from lima_jax import cli
 
-COMMANDS = ("pairwise", "likert", "select")
+COMMANDS = ("pairwise", "likert", "select", "agreement")
 
 flags.DEFINE_string("answers", None, "answers jsonl to score (launch/sample.py --prompts --output)")
 flags.DEFINE_string("baseline", None, "answers jsonl to compare against (pairwise; optional for select)")
 flags.DEFINE_string("workdir", None, "training work dir whose dev_samples/ to compare (select)")
 flags.DEFINE_list("epochs", [], "select: only these epochs (default: every epoch in dev_samples/)")
-flags.DEFINE_string("judge_url", None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1", required=True)
-flags.DEFINE_string("judge_model", None, "the judge model's name at that endpoint", required=True)
+flags.DEFINE_string("human", None, "agreement: launch/annotate.py's --out folder (human.jsonl)")
+flags.DEFINE_string("judge", None, "agreement: a `pairwise` run's --out folder (verdicts.jsonl)")
+flags.DEFINE_string("judge_url", None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+flags.DEFINE_string("judge_model", None, "the judge model's name at that endpoint")
 flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "environment variable holding the API key (unset: a dummy key)")
-flags.DEFINE_string("out", None, "output folder (summary.json, verdicts.jsonl, chart.png)", required=True)
+flags.DEFINE_string("out", None, "output folder (summary.json, verdicts.jsonl, chart.png; agreement: agreement.json)")
 flags.DEFINE_string("cache", None, "reply cache, a local jsonl file (default: OUT/judge_cache.jsonl)")
 flags.DEFINE_string("prompt_file", None, "judge prompt to use instead of the shipped one")
 flags.DEFINE_string("name", None, "label of --answers in the table and chart (default: its file name)")
@@ -54,6 +61,14 @@ def main(argv):
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request would bury the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
     command = _command(argv)
+    if command == "agreement":
+        from lima_jax.evaluation.agreement import run_agreement
+
+        _require("human")
+        result = run_agreement(FLAGS.human, FLAGS.judge, FLAGS.out)
+        print(f"{result['printed']}\n\n-> {result['written']}")
+        return
+    _require("judge_url", "judge_model", "out")
     key = os.environ.get(FLAGS.api_key_env)
     if not key:
         print(f"${FLAGS.api_key_env} is not set: sending a dummy API key (fine for a local server)", file=sys.stderr)

@@ -36,7 +36,7 @@ SLOW_FIRST = ("test_train_e2e.py", "test_lora_e2e.py", "test_lora.py", "test_tra
               "test_serving.py", "test_llama3_chat.py", "test_model_families.py", "test_data_grouping.py",
               "test_checkpoint_integrity.py", "test_model_store.py", "test_chat_format.py",
               "test_sharding.py", "test_gcs.py", "test_aot.py", "test_judge.py", "test_cli_errors.py",
-              "test_serving_multiprocess.py", "test_convert_sampling.py", "test_sampling_file.py")
+              "test_serving_multiprocess.py", "test_convert_sampling.py", "test_sampling_file.py", "test_annotate.py")
 
 
 def pytest_configure(config):

@@ -341,10 +341,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def judge_server(tmp_path_factory):
+def judge_checkpoint(tmp_path_factory) -> str:
+    return build_judge_checkpoint(tmp_path_factory.mktemp("judge_ckpt") / "judge")
+
+
+@pytest.fixture(scope="module")
+def judge_server(judge_checkpoint, tmp_path_factory):
     """The URL of launch/serve.py serving the tiny judge (one CPU device, 8 slots), stopped after the module."""
     folder = tmp_path_factory.mktemp("judge")
-    ckpt = build_judge_checkpoint(folder / "judge")
+    ckpt = judge_checkpoint
     port, log = free_port(), (folder / "serve.log").open("w")
     env = cpu_env(1, fast_compile=True)  # a tiny judge: its decode steps are short, its compiles many
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt, "--port",
@@ -537,3 +542,49 @@ def test_select_recommends_a_kept_checkpoint(proxy, tmp_path):
     assert summary["recommended"]["checkpoint"] == str(workdir / "checkpoints" / str(summary["recommended"]["epoch"] * 4))
     assert proxy.forwarded == 3 * 3 * 2  # 3 meetings x 3 prompts x 2 orders
     assert "**recommended**" in done.stdout
+
+
+# ---- baseline answers from an endpoint (sample.py --endpoint) ----
+
+def test_endpoint_answers_equal_the_checkpoints(proxy, judge_checkpoint, tmp_path):
+    """`sample.py --endpoint` against serve.py writes the file `sample.py --checkpoint` writes on
+    the same checkpoint, greedy (its `answer_file`, run here; the rows' settings record differs only
+    in where the answers came from); 503s are retried; an interrupted file resumed with --resume is
+    finished from the reply cache sample.py left, and ends as the uninterrupted one."""
+    from lima_jax.sampling import SamplingSettings
+    from lima_jax.sampling.endpoint import answer_file_at_endpoint
+    from lima_jax.sampling.sampler import answer_file, load_sampler
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"conversations": [q]} for q in QUESTIONS] +
+                          [{"conversations": [QUESTIONS[0], OURS[0], "And 3 plus 4?"]}])
+    settings = SamplingSettings(greedy=True, max_new_tokens=12, repetition_penalty=30.0)  # varied digits and words
+    sampler = load_sampler(judge_checkpoint, mesh_overrides={"data": 8})[0]  # this process has 8 devices
+    answer_file(sampler, prompts, str(tmp_path / "local.jsonl"), settings, progress=False)
+    proxy.fail_next = 2
+    output = tmp_path / "remote.jsonl"
+    args = ["--endpoint", proxy.url, "--model", "tiny-judge", "--output", str(output), "--backoff_s", "0.01",
+            "--prompts", prompts, "--greedy", "--max_new_tokens", "12", "--repetition_penalty", "30"]
+    env = {k: v for k, v in cpu_env(1).items() if k != "OPENAI_API_KEY"}
+    remote = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    prompts_count = len(QUESTIONS) + 1
+    assert proxy.failed == 2 and proxy.forwarded == prompts_count
+    assert f"{prompts_count + 2} requests sent (2 retries)" in remote.stdout  # sent counts every try
+
+    local_rows = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    remote_text = output.read_text()
+    remote_rows = [json.loads(line) for line in remote_text.splitlines()]
+    assert len(local_rows) == prompts_count and len({r["answer"] for r in local_rows}) > 2
+    for a, b in zip(local_rows, remote_rows, strict=True):
+        source = {k: a["settings"].pop(k) for k in ("format", "stop_ids")}
+        assert b["settings"].pop("model") == "tiny-judge" and source["format"] == "lima"
+        assert a == b
+    local_answers = answers_lib.read_answers(str(tmp_path / "local.jsonl"))  # they pair in judge.py, by prompt
+    assert len(answers_lib.pair_answers(local_answers, answers_lib.read_answers(str(output)), "local", "remote")) == 7
+
+    output.write_text("".join(remote_text.splitlines(keepends=True)[:3]) + remote_text.splitlines()[3][:20])  # killed
+    client = judge_for(proxy.url, f"{output}.cache.jsonl", role="endpoint")  # the cache sample.py wrote
+    summary = answer_file_at_endpoint(client, prompts, str(output), settings, resume=True, progress=False)
+    assert (summary["resumed"], summary["sent"], summary["answered_from_cache"]) == (3, 0, prompts_count - 3)
+    assert proxy.forwarded == prompts_count and output.read_text() == remote_text

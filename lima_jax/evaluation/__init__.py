@@ -13,4 +13,7 @@ No model code here: the judge is reached through the official `openai` client on
     chart.py      the preference chart (PNG)
     pairwise.py, likert.py, selection.py   the three jobs of launch/judge.py
     report.py     summary.json, verdicts.jsonl and the printed table
+    human.py      human verdicts: pairs, the order each annotator sees, human.jsonl
+    annotate_app.py   the annotation page (FastAPI + pages/annotate.html) of launch/annotate.py
+    agreement.py  tie-discounted agreement between annotators and with the judge (judge.py agreement)
 """

@@ -1,6 +1,8 @@
 """Asking the judge: chat completions through the official `openai` client, many at once (up to
 `concurrency`), each retried with exponential backoff on 429, 5xx and lost connections, each
-answered from the disk cache when it can be, with a progress bar.
+answered from the disk cache when it can be, with a progress bar. The same client asks a
+baseline model for its answers (`sample.py --endpoint`, lima_jax/sampling/endpoint.py), with
+its own request parameters per conversation.
 
 The retries are ours, not the client's (it is built with `max_retries=0`), so the policy is one
 place: `max_attempts` tries, waits of `backoff_s * 2**k` (with jitter, at most `max_backoff_s`,
@@ -43,6 +45,7 @@ class JudgeSettings:
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     timeout_s: float = 300.0
+    role: str = "judge"  # who is asked, in error messages ("the judge at URL failed ...")
 
     def request_params(self) -> dict:
         """What, besides model and messages, decides a reply: part of the cache key."""
@@ -79,54 +82,63 @@ class Judge:
         self.sent = self.from_cache = self.retries = 0
         self._count_lock = threading.Lock()
 
-    def ask_all(self, conversations: Sequence[Messages], desc: str = "judging") -> list[dict]:
-        """The reply to each conversation, in order; identical requests are sent once."""
-        params = self.settings.request_params()
-        keys = [cache_key(self.settings.model, messages, params) for messages in conversations]
-        todo = {key: messages for key, messages in zip(keys, conversations) if key not in self.cache}
+    def ask_all(self, conversations: Sequence[Messages], desc: str = "judging",
+                params: Sequence[dict] | None = None) -> list[dict]:
+        """The reply to each conversation, in order; identical requests are sent once. `params`:
+        each conversation's request parameters (default: the settings' `request_params()` for all)."""
+        params = [self.settings.request_params()] * len(conversations) if params is None else list(params)
+        keys = [cache_key(self.settings.model, messages, p) for messages, p in zip(conversations, params, strict=True)]
+        todo = {key: (messages, p) for key, messages, p in zip(keys, conversations, params) if key not in self.cache}
         unique = len(set(keys))
         self.from_cache += unique - len(todo)
         with tqdm.tqdm(total=unique, initial=unique - len(todo), desc=desc, unit="req", disable=not self.progress,
                        dynamic_ncols=True) as bar:
-            self._run(todo, params, bar)
+            self._run(todo, bar)
         return [self.cache.get(key) for key in keys]
 
-    def _run(self, todo: Mapping[str, Messages], params: dict, bar: tqdm.tqdm) -> None:
+    def _run(self, todo: Mapping[str, tuple[Messages, dict]], bar: tqdm.tqdm) -> None:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.concurrency)
-        request = {"model": self.settings.model, "params": params}
-        futures = {pool.submit(self.ask, messages): key for key, messages in todo.items()}
+        futures = {pool.submit(self.ask, messages, p): (key, p) for key, (messages, p) in todo.items()}
+
+        def keep(future):
+            key, p = futures[future]
+            self.cache.put(key, future.result(), {"model": self.settings.model, "params": p})
+
         try:
             for future in concurrent.futures.as_completed(futures):
-                self.cache.put(futures[future], future.result(), request)
+                keep(future)
                 bar.update(1)
         except JudgeError as e:
             pool.shutdown(wait=True, cancel_futures=True)
-            for future, key in futures.items():  # replies that arrived meanwhile are kept for the rerun
+            for future, (key, _) in futures.items():  # replies that arrived meanwhile are kept for the rerun
                 if future.done() and not future.cancelled() and future.exception() is None and key not in self.cache:
-                    self.cache.put(key, future.result(), request)
+                    keep(future)
             raise JudgeError(f"{e}\n  {len(self.cache)} replies are cached in {self.cache.path}: rerun the same "
                              f"command to resume") from None
         finally:
             pool.shutdown(wait=True)
 
-    def ask(self, messages: Messages) -> dict:
-        """One request, retried; the reply as a plain dict (see `reply_dict`)."""
+    def ask(self, messages: Messages, params: dict | None = None) -> dict:
+        """One request, retried; the reply as a plain dict (see `reply_dict`). `params`: the
+        request parameters (default: the settings'); unknown to OpenAI's API, they go in the body as-is."""
         s = self.settings
+        params = s.request_params() if params is None else params
+        known, extra = _split_params(params)
         for attempt in range(1, s.max_attempts + 1):
             try:
                 self._count("sent")
-                response = self.client.chat.completions.create(model=s.model, messages=messages,
-                                                               **s.request_params())
+                response = self.client.chat.completions.create(model=s.model, messages=messages, **known,
+                                                               **({"extra_body": extra} if extra else {}))
                 return reply_dict(response)
             except openai.APIStatusError as e:
                 error, retry_after = f"HTTP {e.status_code}: {_short(e)}", _retry_after(e)
                 if not retryable(e.status_code):
-                    raise JudgeError(f"the judge at {s.url} refused the request ({error}); check --judge_url, "
-                                     f"--judge_model and the API key" + _logprobs_hint(e, s)) from None
+                    raise JudgeError(f"the {s.role} at {s.url} refused the request ({error}); check its URL, "
+                                     f"the model name and the API key" + _logprobs_hint(e, s)) from None
             except openai.APIConnectionError as e:  # also timeouts
                 error, retry_after = f"{type(e).__name__}: {_short(e)}", None
             if attempt == s.max_attempts:
-                raise JudgeError(f"the judge at {s.url} failed {attempt} times, last: {error}")
+                raise JudgeError(f"the {s.role} at {s.url} failed {attempt} times, last: {error}")
             self._count("retries")
             time.sleep(backoff_seconds(attempt, s, retry_after))
         raise AssertionError("unreachable")
@@ -147,7 +159,21 @@ def reply_dict(response) -> dict:
     if content:
         tokens = [{"token": t.token, "logprob": t.logprob, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
                   for t in content]
-    return {"text": choice.message.content or "", "tokens": tokens, "finish_reason": choice.finish_reason}
+    usage = response.usage
+    usage = None if usage is None else {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    return {"text": choice.message.content or "", "tokens": tokens, "finish_reason": choice.finish_reason,
+            "usage": usage}
+
+
+# Chat-completion parameters of OpenAI's API; others (repetition_penalty, top_k) are extensions
+# that servers such as ours and vLLM read from the body.
+OPENAI_PARAMS = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "logprobs",
+                           "top_logprobs", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias"})
+
+
+def _split_params(params: Mapping[str, object]) -> tuple[dict, dict]:
+    known = {k: v for k, v in params.items() if k in OPENAI_PARAMS}
+    return known, {k: v for k, v in params.items() if k not in OPENAI_PARAMS}
 
 
 def build_models(model: type[pydantic.BaseModel], built: set | None = None) -> None:
