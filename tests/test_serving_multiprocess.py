@@ -21,7 +21,7 @@ from lima_jax.model import ModelConfig, init_params
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
 from tests.conftest import ROOT, cpu_env
-from tests.test_serving import free_port
+from tests.serving_fixtures import free_port
 
 PROMPTS = [["Hi there"], ["What is a cat?", "A pet.", "Why?"], ["Tell me a long story about dogs and cats please"]]
 MAX_NEW = 16
