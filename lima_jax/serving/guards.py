@@ -37,12 +37,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status, started = 500, False
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -58,7 +58,7 @@ class Guard:
             await self.app(scope, replay(body, receive), send_status)
         except Exception as e:
             log.exception("%s %s failed", scope.get("method"), scope["path"])
-            if status == 500:  # nothing sent yet (a started response cannot change its status)
+            if not started:  # a started response cannot change its status
                 await reply(send_status, 500, error_body(f"{type(e).__name__}: {e}", 500))
         finally:
             self.on_response(scope["path"], status)
