@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lima_jax.sampling.decoding import LIMA
 
-MAX_STOP = 4  # as OpenAI
+MAX_STOP = 16  # OpenAI takes 4; lm-evaluation-harness sends a task's `until` strings and its EOS string
 MAX_N = 128  # choices per request; the server also holds n to its slot count
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
 
