@@ -181,8 +181,9 @@ class Engine:
         """Prefill waiting requests into free slots, those that came together at once; score the
         prompts of those that asked first (one that only scores needs no slot)."""
         batch, free = [], len(self.decoder.free)
-        while self._pending and len(batch) < free:
+        while self._pending and (free or self._pending[0][1].max_tokens == 0):  # in order
             batch.append(self._pending.popleft())
+            free -= batch[-1][1].max_tokens > 0
         scored = [(rid, request) for rid, request in batch if rid in self._scored]
         try:
             if scored:
