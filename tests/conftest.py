@@ -33,7 +33,7 @@ def cpu_env(devices: int, fast_compile: bool = False, **extra: str) -> dict:
 # first, the other worker works through the short files meanwhile and neither waits on one long
 # file at the end (xdist's own order, most tests first, left a worker idle for minutes).
 SLOW_FIRST = ("test_train_e2e.py", "test_lora_e2e.py", "test_lora.py", "test_train_recipe.py", "test_train_formats.py",
-              "test_serving.py", "test_llama3_chat.py", "test_model_families.py", "test_data_grouping.py",
+              "test_serving.py", "test_serving_api.py", "test_llama3_chat.py", "test_model_families.py", "test_data_grouping.py",
               "test_checkpoint_integrity.py", "test_model_store.py", "test_chat_format.py",
               "test_sharding.py", "test_gcs.py", "test_aot.py", "test_judge.py", "test_cli_errors.py",
               "test_serving_multiprocess.py", "test_convert_sampling.py", "test_sampling_file.py", "test_annotate.py")

@@ -10,12 +10,10 @@ import http.server
 import json
 import math
 import os
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -28,6 +26,7 @@ from lima_jax.evaluation.chart import preference_chart
 from lima_jax.evaluation.client import JudgeSettings, backoff_seconds, retryable
 from lima_jax.evaluation.verdicts import OrderVerdict, combine, read_likert, read_pairwise
 from tests.conftest import ROOT, cpu_env
+from tests.serving_fixtures import serve_py
 
 
 def reply(text: str = "", tops: list[dict[str, float]] | None = None) -> dict:
@@ -334,12 +333,6 @@ def build_judge_checkpoint(path) -> str:
     return str(model_store.save_params(path, params, meta))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def judge_checkpoint(tmp_path_factory) -> str:
     return build_judge_checkpoint(tmp_path_factory.mktemp("judge_ckpt") / "judge")
@@ -350,31 +343,9 @@ def judge_server(judge_checkpoint, tmp_path_factory):
     """The URL of launch/serve.py serving the tiny judge (one CPU device, 8 slots), stopped after the module."""
     folder = tmp_path_factory.mktemp("judge")
     ckpt = judge_checkpoint
-    port, log = free_port(), (folder / "serve.log").open("w")
     env = cpu_env(1, fast_compile=True)  # a tiny judge: its decode steps are short, its compiles many
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt, "--port",
-                             str(port), "--slots", "8", "--model_name", "tiny-judge"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
-    try:
-        while True:
-            assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "serve.py did not start in 300 s:\n" + (folder / "serve.log").read_text()
-            time.sleep(1)
+    with serve_py(ckpt, folder / "serve.log", "--slots", "8", "--model_name", "tiny-judge", env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 class JudgeProxy:

@@ -11,10 +11,6 @@ OpenAI-style 400 and the server goes on serving."""
 
 import concurrent.futures
 import functools
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -28,7 +24,7 @@ from lima_jax.data.tokenizer import SentencePieceTokenizer
 from lima_jax.model import bind
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
-from tests.conftest import ROOT
+from tests.serving_fixtures import serve_py
 from tests.test_convert import train_tokenizer
 from tests.test_convert_sampling import sample_cli
 from tests.test_export_chat import CFG, PIECES, TRAIN, train
@@ -49,12 +45,6 @@ def build_checkpoint(path) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("serving") / "run" / "checkpoints" / "250")
@@ -63,31 +53,8 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     """The base URL of launch/serve.py serving `ckpt`, stopped after the module."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", ckpt,
-                             "--port", str(port), "--slots", "16"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:  # the server is stopped however the module ends, a failed start included
-        while True:
-            assert proc.poll() is None, open(log.name).read()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "the server did not start in 300 s:\n" + open(log.name).read()[-3000:]
-            time.sleep(1)
+    with serve_py(ckpt, tmp_path_factory.mktemp("server") / "serve.log", "--slots", "16") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +235,7 @@ BAD = {
     "content of wrong type": dict(messages=[{"role": "user", "content": 3}]),
     "unknown field": dict(messages=messages(["Hi"]), extra_body={"best_of": {"a": 1}}),
     "over-long prompt": dict(messages=messages(["one two three four five six " * 40])),
-    "n > 1": dict(messages=messages(["Hi"]), n=2),
+    "n over the slots": dict(messages=messages(["Hi"]), n=17),
     "logit_bias outside the vocabulary": dict(messages=messages(["Hi"]), logit_bias={"99999": 1}),
 }
 

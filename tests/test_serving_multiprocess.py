@@ -1,7 +1,7 @@
 """launch/serve.py on two processes (jax.distributed on CPU, 4 devices each, one 8-device
 mesh): both run the engine, process 0 serves HTTP and broadcasts the requests; concurrent
-greedy and seeded answers equal the Sampler's on one process, and stopping process 0 stops
-process 1."""
+greedy and seeded answers equal the Sampler's on one process, an echoed prompt's scores equal
+the model's forward pass, and stopping process 0 stops process 1."""
 
 import concurrent.futures
 import signal
@@ -11,17 +11,18 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 
 from lima_jax import model_store
 from lima_jax.data import demo
 from lima_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-from lima_jax.model import ModelConfig, init_params
+from lima_jax.model import ModelConfig, bind, init_params
 from lima_jax.sampling import SamplingSettings
 from lima_jax.sampling.sampler import load_sampler
 from tests.conftest import ROOT, cpu_env
-from tests.test_serving import free_port
+from tests.serving_fixtures import free_port
 
 PROMPTS = [["Hi there"], ["What is a cat?", "A pet.", "Why?"], ["Tell me a long story about dogs and cats please"]]
 MAX_NEW = 16
@@ -67,6 +68,7 @@ def test_two_processes_serve_as_one(ckpt, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             greedy = list(pool.map(lambda t: ask(t, temperature=0), PROMPTS))
             sampled = pool.submit(ask, PROMPTS[0], temperature=1.0, seed=4).result()
+        echo = client.completions.create(model="ckpt", prompt=PROMPTS[2][0], echo=True, logprobs=1, max_tokens=0)
 
         sampler = load_sampler(ckpt)[0]  # one process, 8 devices
         refs = sampler.generate_ids([sampler.prompt_ids(t) for t in PROMPTS],
@@ -75,6 +77,13 @@ def test_two_processes_serve_as_one(ckpt, tmp_path):
         [ref] = sampler.generate_ids([sampler.prompt_ids(PROMPTS[0])],
                                      SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW), seed=4)
         assert sampled == sampler.tokenizer.decode(ref["ids"])
+        ids = sampler.prompt_ids(PROMPTS[2][0], "raw")  # the prompt scored on both processes in lockstep
+        logits = np.asarray(bind(sampler.cfg, jax.device_get(sampler.params))(np.asarray([ids])))[0].astype(np.float64)
+        logits = logits[:, :sampler.cfg.vocab_size] - logits[:, :sampler.cfg.vocab_size].max(-1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        scores = echo.choices[0].logprobs.token_logprobs
+        assert scores[0] is None and len(scores) == len(ids)
+        assert scores[1:] == pytest.approx([logprobs[i - 1, ids[i]] for i in range(1, len(ids))], abs=1e-4)
 
         procs[0].send_signal(signal.SIGINT)  # process 0 stops; its stop reaches process 1
         assert [p.wait(timeout=120) for p in procs] == [0, 0], read_logs()

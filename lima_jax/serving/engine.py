@@ -7,6 +7,10 @@ request's callback, and free the slots whose request ended (a stop token, max_to
 cancellation). A request that arrives while others are mid-answer joins at the next step;
 none waits for a whole batch to finish.
 
+A request submitted with `score=True` first gets its prompt's log-probabilities (a
+PromptScores event: sampling.scoring, the server's `echo`); one with max_tokens 0 then ends
+without taking a slot.
+
 Callbacks run on the engine thread and must be quick (the HTTP app passes the events to its
 event loop). Every process of a multi-host mesh runs this loop; only process 0 has callbacks.
 """
@@ -21,6 +25,7 @@ import numpy as np
 
 from lima_jax.sampling.decode import DEFAULT_SLOTS, Request
 from lima_jax.sampling.sampler import Sampler
+from lima_jax.sampling.scoring import score_prompts
 from lima_jax.serving.feed import LocalFeed
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,15 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """Prompt tokens 1..P-1 given those before: "logprob" [P-1], "top_ids"/"top_logprobs" [P-1, K]."""
+
+    logprob: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
     """The end of a request: "stop" (a stop token), "length" (max_tokens), "cancelled", "error"."""
 
@@ -45,7 +59,7 @@ class Finished:
     message: str = ""
 
 
-Callback = Callable[[Token | Finished], None]
+Callback = Callable[[PromptScores | Token | Finished], None]
 
 
 class Engine:
@@ -58,6 +72,7 @@ class Engine:
         self.feed = feed or LocalFeed()
         self._callbacks: dict[int, Callback] = {}
         self._pending: deque[tuple[int, Request]] = deque()
+        self._scored: set[int] = set()  # pending requests whose prompt is scored first
         self._next_rid, self._lock = 0, threading.Lock()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -65,13 +80,15 @@ class Engine:
 
     # ---- the caller's side (any thread) ----
 
-    def submit(self, request: Request, callback: Callback) -> int:
-        """Queue a request; returns its id (for `cancel`)."""
+    def submit(self, request: Request, callback: Callback, score: bool = False) -> int:
+        """Queue a request; returns its id (for `cancel`). `score`: a PromptScores event first."""
         self.check(request)
+        if request.max_tokens == 0 and not score:
+            raise ValueError("max_tokens=0 only scores the prompt: submit it with score=True")
         with self._lock:
             rid, self._next_rid = self._next_rid, self._next_rid + 1
             self._callbacks[rid] = callback
-        self.feed.put(("submit", rid, request))
+        self.feed.put(("submit", rid, request, score))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -79,11 +96,21 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """ValueError for a request the cache cannot hold."""
+        if request.max_tokens == 0:  # scored only: the whole context is usable
+            if not 1 <= len(request.prompt) <= self.decoder.length:
+                raise ValueError(f"the prompt has {len(request.prompt)} tokens; this model scores 1 to "
+                                 f"{self.decoder.length}")
+            return
         self.decoder.check(request)
 
     @property
     def active(self) -> int:
         return self.decoder.active
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a free slot."""
+        return len(self._pending)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self.run, name="lima-engine", daemon=True)
@@ -128,6 +155,8 @@ class Engine:
                 return False
             if event[0] == "submit":
                 self._pending.append((event[1], event[2]))
+                if event[3]:
+                    self._scored.add(event[1])
             elif event[0] == "warmup":
                 self.decoder.compile_prefills()
             elif event[0] == "cancel":
@@ -135,6 +164,7 @@ class Engine:
         return True
 
     def _cancel(self, rid: int) -> None:
+        self._scored.discard(rid)
         for i, (waiting, _) in enumerate(self._pending):
             if waiting == rid:
                 del self._pending[i]
@@ -148,10 +178,27 @@ class Engine:
                 self._end(rid, Finished("cancelled"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, those that came together at once."""
-        count = min(len(self.decoder.free), len(self._pending))
-        if count:
-            self.decoder.admit([self._pending.popleft() for _ in range(count)])
+        """Prefill waiting requests into free slots, those that came together at once; score the
+        prompts of those that asked first (one that only scores needs no slot)."""
+        batch, free = [], len(self.decoder.free)
+        while self._pending and (free or self._pending[0][1].max_tokens == 0):  # in order
+            batch.append(self._pending.popleft())
+            free -= batch[-1][1].max_tokens > 0
+        scored = [(rid, request) for rid, request in batch if rid in self._scored]
+        try:
+            if scored:
+                scores = score_prompts(self.decoder, [r.prompt for _, r in scored])
+                self._scored.difference_update(rid for rid, _ in scored)
+                for (rid, request), score in zip(scored, scores):
+                    self._emit(rid, PromptScores(score["logprob"], score["top_ids"], score["top_logprobs"]))
+                    if request.max_tokens == 0:
+                        self._end(rid, Finished("length"))
+            batch = [(rid, request) for rid, request in batch if request.max_tokens > 0]
+            if batch:
+                self.decoder.admit(batch)
+        except Exception:  # back in the queue, so the failure is reported to them too
+            self._pending.extendleft(reversed(batch))
+            raise
         self.peak_active = max(self.peak_active, self.active)
 
     def _step(self) -> None:
@@ -191,3 +238,4 @@ class Engine:
         while self._pending:
             rid, _ = self._pending.popleft()
             self._emit(rid, Finished("error", message))
+        self._scored.clear()

@@ -1,6 +1,6 @@
 """How requests reach the engine loop of every process.
 
-The engine loop takes a list of events each iteration: ("submit", rid, Request), ("cancel",
+The engine loop takes a list of events each iteration: ("submit", rid, Request, score), ("cancel",
 rid), ("warmup",) or ("stop",). With one process they come straight from a queue (`LocalFeed`). With
 several, only process 0 serves HTTP: it takes its queue's events and broadcasts them to
 every process (`BroadcastFeed`, jax.experimental.multihost_utils.broadcast_one_to_all), so

@@ -2,7 +2,13 @@
 turns in LIMA's format, decoding settings, an engine Request.
 
 Unknown fields are refused, as OpenAI refuses them; fields OpenAI clients commonly send
-with their neutral value (n=1, presence/frequency penalty 0, user, ...) are accepted.
+with their neutral value (presence/frequency penalty 0, user, ...) are accepted. Text must be
+valid Unicode (a lone surrogate such as "\ud800" is refused: it has no UTF-8 form to tokenize).
+
+Completions (what lm-evaluation-harness sends): `prompt` is a text, token ids, or a list of
+either (one choice per prompt, times `n`); token ids are fed as they are (no BOS added), text
+after BOS. `echo` with `logprobs` returns the prompt's tokens with their log-probabilities
+(the first's null: nothing precedes it), and `max_tokens: 0` with `echo` only scores.
 Decoding: LIMA's (top_p 0.9, temperature 0.7, repetition penalty 1.2 on generated tokens)
 unless set; `temperature: 0` means greedy. `repetition_penalty` is an extension (the
 openai client sends it through `extra_body`). `logit_bias` is added to the logits before
@@ -14,13 +20,28 @@ leading `system` message where the checkpoint's chat format has a system role (`
 refuses it too): put instructions in the first user message.
 """
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lima_jax.sampling.decoding import LIMA
 
-MAX_STOP = 4  # as OpenAI
+MAX_STOP = 16  # OpenAI takes 4; lm-evaluation-harness sends a task's `until` strings and its EOS string
+MAX_N = 128  # choices per request; the server also holds n to its slot count
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode ({e.reason} at character {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class InvalidRequest(ValueError):
@@ -37,13 +58,13 @@ class _Body(BaseModel):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -56,12 +77,12 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
-    model: str = ""  # one model per server: any name is accepted
+    model: Text = ""  # one model per server: any name is accepted
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Literal[1] = 1  # one answer per request: ask again (with another seed) for more
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choice i draws stream i of the seed (decode.Request.row)
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**32)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
@@ -69,7 +90,7 @@ class _Sampling(_Body):
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # LIMA's extension
     presence_penalty: Literal[0] | None = None
     frequency_penalty: Literal[0] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -83,13 +104,17 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | TokenIds | Annotated[list[Text] | list[TokenIds], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: score the prompt (with echo)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
+    echo: bool = False
     suffix: None = None
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """One text or token-id list per prompt."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 def chat_turns(messages: list[Message], allow_system: bool = False) -> tuple[str | None, list[str]]:
@@ -117,7 +142,7 @@ def settings_of(body: _Sampling) -> dict:
     greedy = body.temperature == 0
     bias = []
     for key, value in (body.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not TOKEN_ID.fullmatch(key):
             raise InvalidRequest(f"logit_bias key {key!r} is not a token id", "logit_bias")
         bias.append((int(key), float(value)))
     return dict(temperature=LIMA.temperature if body.temperature in (None, 0) else body.temperature,

@@ -38,19 +38,23 @@ def build_engine(checkpoint_path: str, config=None, tokenizer_path: str | None =
     return Engine(sampler, slots, feed)
 
 
-def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Block: process 0 serves HTTP until interrupted, the others run the engine loop."""
+def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_body_bytes: int | None = None) -> None:
+    """Block: process 0 serves HTTP until interrupted, the others run the engine loop. `api_key`:
+    required as a bearer token on every route but /health (None: none)."""
     if jax.process_index() != 0:
         engine.run()
         return
     import uvicorn
 
-    from lima_jax.serving.app import create_app
+    from lima_jax.serving.app import MAX_BODY_BYTES, create_app
 
     engine.start()
     engine.warmup()  # the first client does not wait for compilation
     try:
-        log.warning("serving %s on http://%s:%d/v1 (%d slots)", model_name, host, port, engine.num_slots)
-        uvicorn.run(create_app(engine, model_name), host=host, port=port, log_level="warning")
+        log.warning("serving %s on http://%s:%d/v1 (%d slots%s)", model_name, host, port, engine.num_slots,
+                    ", API key required" if api_key else "")
+        app = create_app(engine, model_name, api_key, max_body_bytes or MAX_BODY_BYTES)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.shutdown()
