@@ -20,7 +20,8 @@ from ml_collections import config_flags
 
 from lima_jax import cli
 
-flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax.")
+flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax (default: told by "
+                  "its files: config.json = hf, params.json = meta).")
 flags.DEFINE_enum("to", "orbax", ["orbax", "hf", "peft"], "Output format: an Orbax checkpoint, a Hugging Face folder "
                   "(a LoRA checkpoint merged into its base), or a LoRA checkpoint's PEFT adapter folder.")
 flags.DEFINE_string("input", None, "Source folder (Meta/HF) or, with --to hf, an Orbax checkpoint or work dir.")
@@ -39,7 +40,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
+    from lima_jax.convert import convert_to_orbax, export_hf
 
     if FLAGS.to == "peft":
         from lima_jax.convert.lora_export import export_peft
@@ -52,8 +53,6 @@ def main(argv):
         print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)"
               f"{'' if report['tokenizer'] else ', no tokenizer files'}")
     else:
-        if FLAGS.source is None:
-            raise ConversionError("--source meta|hf is required when converting to Orbax")
         from lima_jax.config import model_config
 
         report = convert_to_orbax(
