@@ -2,13 +2,16 @@
 
     python launch/convert_checkpoint.py --source meta --input /llama/65B --output /ckpt/65b \
         --config configs/llama65b.py --add_eot
+    python launch/convert_checkpoint.py --input Llama-3.1-8B/ --output /ckpt/llama3_8b   # --source told by its files
     python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b
     python launch/convert_checkpoint.py --to peft --input LORA_WORKDIR_OR_CKPT --output /hf/lima-65b-adapter
 
-The tokenizer travels with the weights: conversion stores the folder's tokenizer.model (for a
-Meta folder, also its parent's, where Meta ships it) in the checkpoint, and the export writes
-it back as Hugging Face tokenizer files (EOT as a special token, LIMA's chat template);
-`--tokenizer` names one explicitly.
+The tokenizer travels with the weights: conversion stores the folder's tokenizer.json or
+tokenizer.model (for a Meta folder, also its parent's, where Meta ships it) in the checkpoint,
+and the export writes it back as Hugging Face tokenizer files (the end-of-turn token as a
+special token, the checkpoint's chat template); `--tokenizer` names one explicitly. An HF
+folder's generation stop ids are kept too, so `sample.py --format raw --greedy` on the converted
+checkpoint stops where transformers' `generate` does.
 """
 
 import os
