@@ -2,13 +2,16 @@
 
     python launch/convert_checkpoint.py --source meta --input /llama/65B --output /ckpt/65b \
         --config configs/llama65b.py --add_eot
+    python launch/convert_checkpoint.py --input Llama-3.1-8B/ --output /ckpt/llama3_8b   # --source told by its files
     python launch/convert_checkpoint.py --to hf --input WORKDIR_OR_CKPT --output /hf/lima-65b
     python launch/convert_checkpoint.py --to peft --input LORA_WORKDIR_OR_CKPT --output /hf/lima-65b-adapter
 
-The tokenizer travels with the weights: conversion stores the folder's tokenizer.model (for a
-Meta folder, also its parent's, where Meta ships it) in the checkpoint, and the export writes
-it back as Hugging Face tokenizer files (EOT as a special token, LIMA's chat template);
-`--tokenizer` names one explicitly.
+The tokenizer travels with the weights: conversion stores the folder's tokenizer.json or
+tokenizer.model (for a Meta folder, also its parent's, where Meta ships it) in the checkpoint,
+and the export writes it back as Hugging Face tokenizer files (the end-of-turn token as a
+special token, the checkpoint's chat template); `--tokenizer` names one explicitly. An HF
+folder's generation stop ids are kept too, so `sample.py --format raw --greedy` on the converted
+checkpoint stops where transformers' `generate` does.
 """
 
 import os
@@ -20,7 +23,8 @@ from ml_collections import config_flags
 
 from lima_jax import cli
 
-flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax.")
+flags.DEFINE_enum("source", None, ["meta", "hf"], "Format of --input when converting to Orbax (default: told by "
+                  "its files: config.json = hf, params.json = meta).")
 flags.DEFINE_enum("to", "orbax", ["orbax", "hf", "peft"], "Output format: an Orbax checkpoint, a Hugging Face folder "
                   "(a LoRA checkpoint merged into its base), or a LoRA checkpoint's PEFT adapter folder.")
 flags.DEFINE_string("input", None, "Source folder (Meta/HF) or, with --to hf, an Orbax checkpoint or work dir.")
@@ -39,7 +43,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from lima_jax.convert import ConversionError, convert_to_orbax, export_hf
+    from lima_jax.convert import convert_to_orbax, export_hf
 
     if FLAGS.to == "peft":
         from lima_jax.convert.lora_export import export_peft
@@ -52,8 +56,6 @@ def main(argv):
         print(f"wrote {report['output']}: {report['bytes_written'] / 1e6:.1f} MB in {report['files']} shard(s)"
               f"{'' if report['tokenizer'] else ', no tokenizer files'}")
     else:
-        if FLAGS.source is None:
-            raise ConversionError("--source meta|hf is required when converting to Orbax")
         from lima_jax.config import model_config
 
         report = convert_to_orbax(

@@ -67,6 +67,10 @@ def candidates(path) -> tuple[epath.Path, list[int], bool]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     steps = sorted(manager(path, read_only=True).all_steps(), reverse=True)
     if not steps:
+        if any(path.glob("*.safetensors")) or any(path.glob("consolidated.*.pth")):  # weights as released
+            raise FileNotFoundError(f"{path} is a Hugging Face or Meta model folder, not a lima_jax checkpoint: "
+                                    f"convert it first with `python launch/convert_checkpoint.py --input {path} "
+                                    "--output CKPT`, then pass --checkpoint CKPT")
         raise FileNotFoundError(f"{path} holds no complete checkpoint")
     return path, steps, False
 

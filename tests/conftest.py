@@ -14,7 +14,7 @@ os.environ.setdefault("DEFER_PYDANTIC_BUILD", "false")
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = pathlib.Path(os.environ.get("LIMA_SHARED_DIR") or ROOT.parent / "shared")  # a worktree elsewhere names it
 
 
 # XLA:CPU spends most of a tiny model's compile in LLVM's optimisations: a process that compiles

@@ -49,3 +49,12 @@ def test_answers_stream_in_pieces_and_join_the_history(ckpt):
     assert conversation.turns == TRAIN[3]
     conversation.reset()
     assert conversation.turns == []
+
+
+def test_system_message_is_refused_for_a_lima_checkpoint(ckpt):
+    """LIMA's format has no system role: --system is refused before the model loads, saying so."""
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "chat.py"), "--checkpoint", ckpt,
+                             "--system", "Be brief."], input="Hi\n", text=True, capture_output=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 2 and "'lima' chat format, which has no system role" in result.stderr
+    assert "lima>" not in result.stdout

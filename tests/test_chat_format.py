@@ -232,3 +232,20 @@ def test_metas_tiktoken_tokenizer_is_refused(tmp_path):
     (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # Meta's Llama 3 original/ layout
     with pytest.raises(ConfigError, match="tiktoken.*tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_answers_stop_where_the_families_generation_configs_stop(llama3, tmp_path):
+    """sample.py, chat.py and serve.py decode with `Sampler.stop_ids`: for a checkpoint in `llama3`
+    format Llama-3-Instruct's generation_config eos_token_id [<|end_of_text|>, <|eot_id|>]; in
+    `chatml`, Qwen2.5-Instruct's [<|im_end|>, <|endoftext|>]; plus a converted model's own."""
+    from lima_jax.model import ModelConfig
+    from lima_jax.sampling.sampler import Sampler
+
+    def stops(tok, fmt, own=()):
+        cfg = ModelConfig(vocab_size=tok.vocab_size, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)
+        return set(Sampler(cfg, {}, tok, None, fmt, own).stop_ids)
+
+    assert stops(llama3[0], "llama3") == {128001, 128009}
+    assert stops(llama3[0], "llama3", (128001, 128008, 128009)) == {128001, 128008, 128009}  # Llama 3.1's <|eom_id|>
+    qwen = load_tokenizer(str(chatml_folder(tmp_path)))
+    assert stops(qwen, "chatml") == {qwen.token_id("<|im_end|>"), qwen.token_id("<|endoftext|>")}

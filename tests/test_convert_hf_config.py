@@ -122,3 +122,15 @@ def test_tied_embeddings_stay_one_matrix(tmp_path):
     params = restore(tmp_path / "ckpt", cfg)
     assert "lm_head" not in params
     np.testing.assert_allclose(our_logits(cfg, params, TOKENS), hf_logits(tied, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_the_source_is_told_by_the_folders_files(tmp_path):
+    """convert_checkpoint.py without --source: config.json = Hugging Face, params.json = Meta."""
+    from lima_jax.convert.sources import detect_source
+
+    for name, file in (("hf", "config.json"), ("meta", "params.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text("{}")
+        assert detect_source(tmp_path / name) == name
+    with pytest.raises(ConversionError, match="neither config.json .Hugging Face. nor params.json"):
+        detect_source(tmp_path)

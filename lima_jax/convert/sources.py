@@ -95,7 +95,7 @@ def _arch_cfg(arch: dict) -> ModelConfig:
 
 
 class _Source:
-    kind = ""
+    key, kind = "", ""  # --source's name, the name in messages
     arch_file = ""
 
     def __init__(self, directory):
@@ -111,6 +111,10 @@ class _Source:
         """ARCH_KEYS and ROPE_KEYS of the source (ModelConfig's defaults where it says nothing)."""
         cfg = _arch_cfg(self._arch)
         return {k: getattr(cfg, k) for k in ARCH_KEYS + ROPE_KEYS}
+
+    def generation_eos_ids(self) -> list[int] | None:
+        """The ids the source's own generation stops on, if it says (Meta's folders do not)."""
+        return None
 
     def tokenizer(self) -> pathlib.Path | None:
         """The tokenizer shipped with the weights, if any: an HF tokenizer.json, else a tokenizer.model."""
@@ -138,7 +142,7 @@ class _Source:
 
 
 class MetaSource(_Source):
-    kind = "Meta"
+    key, kind = "meta", "Meta"
     arch_file = "params.json"
 
     def __init__(self, directory):
@@ -243,7 +247,7 @@ class MetaSource(_Source):
 
 
 class HFSource(_Source):
-    kind = "Hugging Face"
+    key, kind = "hf", "Hugging Face"
     arch_file = "config.json"
     INDEX = "model.safetensors.index.json"
 
@@ -271,6 +275,16 @@ class HFSource(_Source):
         arch = read_hf_arch(c, str(self.dir / self.arch_file))
         self.sliding_window = arch.sliding_window
         return arch.fields
+
+    def generation_eos_ids(self) -> list[int] | None:
+        """`eos_token_id` of generation_config.json, else of config.json: what transformers'
+        `generate` stops on (Llama 3.1 Instruct: end of text, <|eom_id|>, <|eot_id|>)."""
+        for name in ("generation_config.json", self.arch_file):
+            if (self.dir / name).is_file():
+                ids = json.loads((self.dir / name).read_text()).get("eos_token_id")
+                if ids is not None:
+                    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+        return None
 
     def _open_files(self):
         from safetensors import safe_open
@@ -309,7 +323,18 @@ def _describe(cfg: ModelConfig) -> str:
 SOURCES = {"meta": MetaSource, "hf": HFSource}
 
 
-def open_source(kind: str, directory) -> _Source:
+def detect_source(directory) -> str:
+    """"hf" for a folder with config.json, "meta" for one with params.json, else ConversionError."""
+    found = [kind for kind, cls in SOURCES.items() if (pathlib.Path(directory) / cls.arch_file).is_file()]
+    if len(found) != 1:
+        raise ConversionError(f"{directory}: {'both' if found else 'neither'} config.json (Hugging Face) "
+                              f"{'and' if found else 'nor'} params.json (Meta): pass --source hf or --source meta")
+    return found[0]
+
+
+def open_source(kind: str | None, directory) -> _Source:
+    """The reader of `directory`; `kind` None: told by its files (`detect_source`)."""
+    kind = kind or detect_source(directory)
     if kind not in SOURCES:
         raise ConversionError(f"--source={kind!r}; choose one of {sorted(SOURCES)}")
     return SOURCES[kind](directory)

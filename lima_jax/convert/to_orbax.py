@@ -112,17 +112,20 @@ def iter_leaves(source, cfg: ModelConfig, *, source_vocab: int, stats: dict | No
             return_freed_memory()
 
 
-def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | None = None, add_eot: bool = False,
+def convert_to_orbax(source: str | None, input_dir, output, *, config: ModelConfig | None = None, add_eot: bool = False,
                      vocab_multiple: int | None = None, param_dtype: str | None = None, overwrite: bool = False,
                      tokenizer=None) -> dict:
-    """Convert a Meta (`source="meta"`) or HF (`"hf"`) folder to an Orbax checkpoint at `output`.
+    """Convert a Meta (`source="meta"`) or HF (`"hf"`; None: told by its files) folder to an Orbax
+    checkpoint at `output`.
 
     Returns a small report: the model config, bytes read, seconds, whether a tokenizer was
     stored. `add_eot` appends one vocabulary row (LIMA's end-of-turn id = the old vocabulary
     size) to the embedding and the output head, initialised to the mean of the existing rows.
     `tokenizer`: the tokenizer to store (a tokenizer.model, a tokenizer.json or a folder; default:
     the one shipped with the weights). One with its own end-of-turn token (Llama 3's
-    `<|eot_id|>`, Qwen's `<|im_end|>`) needs no new row: `add_eot` then adds none (logged)."""
+    `<|eot_id|>`, Qwen's `<|im_end|>`) needs no new row: `add_eot` then adds none (logged). An HF
+    folder's generation stop ids (`generation_eos_ids`) go into `meta.source`, so sampling the
+    converted model stops where transformers' `generate` does."""
     check_output_location(input_dir, output, overwrite=overwrite)
     out = checkpoint.as_path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -148,7 +151,8 @@ def convert_to_orbax(source: str, input_dir, output, *, config: ModelConfig | No
         meta = model_store.CheckpointMeta(
             model=cfg, eot_id=eot_id, tokenizer=None if tok is None else tok.to_record(),
             chat_format=model_store.LIMA_FORMAT if add_eot else None,
-            source={"converted_from": source, "input": str(input_dir), "source_vocab_size": arch["vocab_size"]})
+            source={"converted_from": src.key, "input": str(input_dir), "source_vocab_size": arch["vocab_size"],
+                    "generation_eos_ids": src.generation_eos_ids()})
         stats: dict = {}
         checkpoint.save_params_streaming(out, iter_leaves(src, cfg, source_vocab=arch["vocab_size"], stats=stats),
                                          meta.to_json(), overwrite=overwrite)

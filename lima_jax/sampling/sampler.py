@@ -36,18 +36,22 @@ class Sampler:
     """A model ready to answer: config, params (placed on `mesh`), tokenizer.
 
     `tokenizer`: a lima_jax.data.tokenizer.Tokenizer. `chat_format`: the format prompts are
-    written in unless a call names another (the checkpoint's)."""
+    written in unless a call names another (the checkpoint's). `generation_eos_ids`: the stop
+    ids of a converted HF model's generation_config.json (transformers' `generate` stops there)."""
 
     cfg: ModelConfig
     params: dict
     tokenizer: object
     mesh: Mesh | None = None
     chat_format: str = "lima"
+    generation_eos_ids: tuple[int, ...] = ()
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """EOS, and EOT where the model has it (a base model's vocabulary ends before EOT's id)."""
-        ids = {self.tokenizer.eot_id, self.tokenizer.eos_id, *chat_format.stop_ids(self.tokenizer, self.chat_format)}
+        """EOS, EOT where the model has it (a base model's vocabulary ends before EOT's id), the
+        format's end-of-turn token and the converted model's own generation stop ids."""
+        ids = {self.tokenizer.eot_id, self.tokenizer.eos_id, *chat_format.stop_ids(self.tokenizer, self.chat_format),
+               *self.generation_eos_ids}
         return tuple(sorted(int(i) for i in ids if i is not None and i < self.cfg.vocab_size))
 
     def prompt_ids(self, turns: str | Sequence[str], fmt: str | None = None, system: str | None = None) -> list[int]:
@@ -185,4 +189,5 @@ def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None =
     from lima_jax.model_store import load_model
 
     model = load_model(checkpoint_path, config=config, tokenizer_path=tokenizer_path, mesh_overrides=mesh_overrides)
-    return Sampler(model.model, model.params, model.tokenizer, model.mesh, model.meta.chat_format or "lima"), model.config
+    return Sampler(model.model, model.params, model.tokenizer, model.mesh, model.meta.chat_format or "lima",
+                   tuple(model.meta.source.get("generation_eos_ids") or ())), model.config
