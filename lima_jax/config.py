@@ -78,8 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops_per_device=0.0,  # for MFU where the chip is not in train.metrics.PEAK_FLOPS; 0 = the table
         profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
         accept_changed=(),  # run-defining keys a resume may change deliberately, e.g. ("train.epochs",)
-        # Where AdamW's moments wait between steps: "device", or "pinned_host" (host memory: frees
-        # their HBM, e.g. 65B on v4-64, for a host-device copy a step; the same numbers either way).
+        # Where AdamW's moments wait between steps: "device", or "pinned_host" (host memory: their HBM
+        # is free during the forward and backward passes, e.g. 65B on v4-64, for two host-device
+        # copies a step; the same numbers either way).
         opt_state_memory="device",
     ))
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init

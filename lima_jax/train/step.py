@@ -8,10 +8,12 @@ target token weighs the same however the examples were packed.
 With LoRA (`lora` given), `params` are the adapters, the only tree differentiated and
 optimized; the frozen base rides in the state as `base` and is returned untouched.
 
-With the optimizer state in host memory (`opt_state_memory="pinned_host"`), it stays there
-between steps; the update brings each moment to the device, updates it there and writes it
-back, leaf by leaf, so the device holds a few leaves of it at a time, not the whole state. The
-arithmetic is the same as on the device: only where the moments wait between steps changes.
+With the optimizer state in host memory (`opt_state_memory="pinned_host"`), it waits there
+between steps and through the forward and backward passes; the update brings it to the device,
+updates it there and writes it back. Its HBM is then shared with the activations, which are gone
+by the update, instead of added to them (the compiler schedules the copies: on the 65B
+step it keeps the whole state on the device during the update, docs/benchmarks.md). The
+arithmetic is the device's either way: only where the moments wait changes.
 """
 
 from typing import NamedTuple
@@ -105,7 +107,7 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), to_memory(opt_state, jax.memory.Space.Host)
 
-        def to_memory(tree, space):  # one transfer a leaf: each moment moves on its own (none on device)
+        def to_memory(tree, space):  # a copy a leaf; nothing to copy when the state lives on the device
             return tree if opt_state_memory == "device" else jax.tree.map(lambda x: jax.device_put(x, space), tree)
 
         params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
