@@ -1,10 +1,12 @@
 """Does a config fit a TPU slice? Compile its train step for the topology, here, without TPUs.
 
-  python launch/aot_check.py --config configs/llama65b.py --topology v4-256 \
-      --config.mesh.fsdp=-1 --config.model.remat_policy=full
+  python launch/aot_check.py --config configs/llama65b.py --topology v4-64 \
+      --config.train.opt_state_memory=pinned_host \
+      --config.data.train_path=lima/train.jsonl --config.data.tokenizer_path=tokenizer.model
 
-Prints per-device memory against HBM, FLOPs per step and the verdict; exits 0 when it fits,
-1 when it does not (with the compiler's message). Needs `libtpu` (pip install libtpu).
+Prints per-device memory against HBM (and host memory, with the optimizer state offloaded),
+FLOPs per step and the verdict; exits 0 when it fits, 1 when it does not (with the compiler's
+message). Needs `libtpu` (pip install libtpu).
 """
 
 import json

@@ -3,6 +3,9 @@
 On a TPU pod run the same command on every worker (launch/pod_run.sh); `jax.distributed`
 is initialised automatically there. For several CPU/GPU processes pass the coordinator
 flags. Any config value can be overridden: --config.train.epochs=10.
+
+--plan_only prints the plan (steps, examples a step, row shapes, real-token share, batch layout
+over this machine's devices) and exits before anything is restored or compiled.
 """
 
 import os
@@ -17,6 +20,7 @@ flags.DEFINE_string("workdir", "workdir/tiny", "Work dir (local or gs://): check
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs off TPU pods.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("plan_only", False, "Print the plan and exit: nothing is restored, compiled or trained.")
 FLAGS = flags.FLAGS
 
 
@@ -31,9 +35,23 @@ def main(argv):
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()  # TPU pod: everything is discovered from the environment
 
-    from lima_jax.train.loop import train
+    from lima_jax.train import loop
 
-    train(FLAGS.config, FLAGS.workdir)
+    if FLAGS.plan_only:
+        print_plan(loop.prepare(FLAGS.config, FLAGS.workdir))
+        return
+    loop.train(FLAGS.config, FLAGS.workdir)
+
+
+def print_plan(run) -> None:
+    """The run's plan as the loop logs it, then one line of key=value for scripts."""
+    from lima_jax.train import loop
+
+    loop.log_plan(run)
+    plan = run.plan
+    loop.log(f"plan_only: steps={plan.total_steps} examples_per_step={plan.examples_per_step} "
+             f"row_shapes={'/'.join(map(str, plan.shapes))}x{plan.seq_len} rows_per_step={plan.rows_per_step} "
+             f"real_token_share={100 * plan.efficiency:.2f}%")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
                    for rows in shapes]
     return dict(max(reports, key=lambda r: r["total_gib"]), step="train", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=layout.rows, shapes=shapes, seq_len=seq, remat_policy=model_cfg.remat_policy,
+                opt_state_memory=config.train.get("opt_state_memory", "device"),
                 attention=model_cfg.attention, layout=layout.describe(seq), rows_from=why,
                 model_flops_per_step=flops_per_token(model_cfg, seq, program.lora) * layout.rows * seq)
 
@@ -145,6 +146,9 @@ def report(compiled, chip: Chip, devices) -> dict:
         argument_gib=mem.argument_size_in_bytes / GiB, output_gib=mem.output_size_in_bytes / GiB,
         temp_gib=mem.temp_size_in_bytes / GiB, alias_gib=mem.alias_size_in_bytes / GiB, total_gib=total / GiB,
         hbm_gib=chip.hbm_bytes / GiB, headroom_gib=(chip.hbm_bytes - total) / GiB, fits=total <= chip.hbm_bytes,
+        # Arrays kept in host memory (train.opt_state_memory="pinned_host"), outside the HBM total.
+        host_argument_gib=mem.host_argument_size_in_bytes / GiB, host_output_gib=mem.host_output_size_in_bytes / GiB,
+        host_temp_gib=mem.host_temp_size_in_bytes / GiB, host_alias_gib=mem.host_alias_size_in_bytes / GiB,
         compiler_flops_per_device=float(cost.get("flops", 0.0)) if cost else 0.0,
         pallas_kernels=pallas_kernel_calls(compiled),
     )
@@ -171,6 +175,10 @@ def format_report(r: dict) -> str:
         f"per-device memory: arguments {r['argument_gib']:.2f} GiB, outputs {r['output_gib']:.2f} GiB, "
         f"temporaries {r['temp_gib']:.2f} GiB, donated {r['alias_gib']:.2f} GiB",
         f"total {r['total_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM (headroom {r['headroom_gib']:.2f} GiB)",
+        *([f"offload: optimizer state in {r['opt_state_memory']} memory (train.opt_state_memory); per-device host "
+           f"memory: arguments {r['host_argument_gib']:.2f} GiB, outputs {r['host_output_gib']:.2f} GiB, temporaries "
+           f"{r['host_temp_gib']:.2f} GiB, donated {r['host_alias_gib']:.2f} GiB"]
+          if r.get("opt_state_memory", "device") != "device" else []),
         f"FLOPs per step: compiler {r['compiler_flops_per_device'] * r['devices']:.3e} (all devices; loop "
         f"bodies such as the layer scan counted once), model {r['model_flops_per_step']:.3e}",
         f"verdict: {'FITS' if r['fits'] else 'DOES NOT FIT'}",

@@ -282,7 +282,9 @@ def all_finite(tree) -> bool:
     import jax.numpy as jnp
 
     leaves = jax.tree.leaves(tree)
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+    on_device = jax.memory.Space.Device  # leaves kept in host memory are checked on their devices
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(jax.device_put(x, on_device)))
+                                                      for x in xs])))(leaves))
 
 
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:

@@ -12,7 +12,7 @@ from lima_jax.data.pipeline import GROUPINGS, data_sources
 from lima_jax.errors import ConfigError
 from lima_jax.model.config import ROPE_SCALING_KEYS, ModelConfig
 from lima_jax.model.lora import LoraConfig
-from lima_jax.sharding import resolve_mesh_shape
+from lima_jax.sharding import MEMORY_KINDS, resolve_mesh_shape
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops_per_device=0.0,  # for MFU where the chip is not in train.metrics.PEAK_FLOPS; 0 = the table
         profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
         accept_changed=(),  # run-defining keys a resume may change deliberately, e.g. ("train.epochs",)
+        # Where AdamW's moments wait between steps: "device", or "pinned_host" (host memory: their HBM
+        # is free during the forward and backward passes, e.g. 65B on v4-64, for two host-device
+        # copies a step; the same numbers either way).
+        opt_state_memory="device",
     ))
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
     # LoRA (lima_jax/model/lora.py): rank > 0 trains low-rank adapters on these projections and
@@ -168,6 +172,9 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         if not c[section][name] >= 0:
             raise ConfigError(f"config.{key}={c[section][name]!r}: must be >= 0")
+    memory = c.train.get("opt_state_memory", "device")
+    if memory not in MEMORY_KINDS:
+        raise ConfigError(f"config.train.opt_state_memory={memory!r}: one of {list(MEMORY_KINDS)}")
     lora_config(c)  # raises ConfigError naming the config.lora key
     data_sources(c.data)  # raises ConfigError naming config.data.format or config.data.mixture
     unknown = [k for k in c.train.accept_changed if k not in RUN_DEFINING and k.split(".")[0] not in RUN_DEFINING]

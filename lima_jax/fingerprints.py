@@ -31,6 +31,7 @@ def _unsigned(dtype) -> np.dtype:
 
 
 def _device_sum(x: jax.Array) -> jax.Array:
+    x = jax.device_put(x, jax.memory.Space.Device)  # a leaf kept in host memory is summed on its device
     bits = jax.lax.bitcast_convert_type(x, _unsigned(x.dtype)) if x.dtype != jnp.bool_ else x
     bits = bits.astype(jnp.uint32)
     index = jnp.zeros(x.shape, jnp.uint32)  # the flat index mod 2^32, without an iota longer than 2^32

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lima_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 CONFIG_AXES = ("data", "fsdp", "tensor")  # config.mesh keys; `context` comes from the batch layout
 
@@ -156,6 +158,24 @@ def _fill(sizes, total, prefix, num_devices, what):
 def num_slices(devices: Sequence[jax.Device]) -> int:
     """How many TPU slices (joined over DCN) the devices span; 1 off TPU pods."""
     return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+# Where an array lives between steps: the accelerator's own memory, or page-locked host memory
+# that the device reads and writes directly (jax's memory kinds; `train.opt_state_memory`).
+MEMORY_KINDS = ("device", "pinned_host")
+
+
+def check_memory_kind(devices: Sequence[jax.Device], kind: str, key: str) -> None:
+    """Raise ConfigError naming `key` when `devices` have no memory of `kind` (jax's memory kinds)."""
+    have = sorted({m.kind for m in devices[0].addressable_memories()})
+    if kind not in MEMORY_KINDS or kind not in have:
+        raise ConfigError(f"config.{key}={kind!r}: the {devices[0].platform} devices have the memory kinds {have}; "
+                          f"choose one of {[k for k in MEMORY_KINDS if k in have]}")
+
+
+def in_memory(shardings, kind: str):
+    """`shardings` (a tree of NamedShardings) with their arrays kept in memory `kind`."""
+    return shardings if kind == "device" else jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None, context: int = 1) -> Mesh:

@@ -59,3 +59,24 @@ def test_splash_attention_compiles_for_tpu(tmp_path):
     (train,) = json.loads(out.read_text())
     assert train["attention"] == "splash" and train["fits"]
     assert train["pallas_kernels"] >= 3  # forward, dq and dkv kernels of the layer
+
+
+def test_optimizer_state_offload_is_compiled_and_reported(tmp_path):
+    # The moments leave HBM for host memory: the compiler's host arguments are their bytes.
+    import jax
+
+    from lima_jax.config import model_config
+    from lima_jax.model import abstract_params
+    from tests.tiny_run import tiny_config
+
+    out = tmp_path / "report.json"
+    r = run("--config", "configs/tiny.py", "--topology", "v5e-4", "--config.train.opt_state_memory=pinned_host",
+            "--nodecode", f"--json={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (train,) = json.loads(out.read_text())
+    assert train["opt_state_memory"] == "pinned_host" and train["fits"]
+    assert "offload: optimizer state in pinned_host memory" in r.stdout
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params(model_config(tiny_config()))))
+    # mu and nu over fsdp 4, and less than twice that (the TPU layouts pad some of the tiny shapes)
+    assert 2 * params / 4 <= train["host_argument_gib"] * 2**30 < 2 * 2 * params / 4
+    assert train["argument_gib"] < train["host_argument_gib"]  # on device: the parameters (half the moments), the batch

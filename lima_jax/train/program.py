@@ -13,7 +13,7 @@ from lima_jax import config as config_lib
 from lima_jax.backend import compiler_options
 from lima_jax.data.pipeline import FEATURES, batch_sharding
 from lima_jax.model import ModelConfig, lora as lora_lib
-from lima_jax.sharding import BatchLayout, batch_layout, num_slices, resolve_mesh_shape
+from lima_jax.sharding import BatchLayout, batch_layout, check_memory_kind, num_slices, resolve_mesh_shape
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
 
@@ -49,10 +49,13 @@ def build_program(config, model_cfg: ModelConfig, mesh: Mesh, total_steps: int) 
     schedule = learning_rate_schedule(config.optimizer, total_steps)
     optimizer = make_optimizer(config.optimizer, schedule)
     lora = config_lib.lora_config(config)
-    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh, lora)
+    opt_state_memory = config.train.get("opt_state_memory", "device")
+    check_memory_kind(mesh.devices.flat, opt_state_memory, "train.opt_state_memory")
+    abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh, lora, opt_state_memory)
     batch = batch_sharding(mesh)
     replicated = state_shardings.step
-    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps, lora),
+    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps, lora,
+                                         opt_state_memory),
                          in_shardings=(state_shardings, batch, replicated), out_shardings=(state_shardings, replicated),
                          donate_argnums=0, compiler_options=compiler_options(mesh.devices.flat[0].platform))
     eval_step = jax.jit(make_eval_step(model_cfg, lora), in_shardings=(state_shardings.params, batch,

@@ -7,6 +7,13 @@ target token weighs the same however the examples were packed.
 
 With LoRA (`lora` given), `params` are the adapters, the only tree differentiated and
 optimized; the frozen base rides in the state as `base` and is returned untouched.
+
+With the optimizer state in host memory (`opt_state_memory="pinned_host"`), it waits there
+between steps and through the forward and backward passes; the update brings it to the device,
+updates it there and writes it back. Its HBM is then shared with the activations, which are gone
+by the update, instead of added to them (the compiler schedules the copies: on the 65B
+step it keeps the whole state on the device during the update, docs/benchmarks.md). The
+arithmetic is the device's either way: only where the moments wait changes.
 """
 
 from typing import NamedTuple
@@ -17,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lima_jax.model import abstract_params, lora as lora_lib, param_logical_axes
-from lima_jax.sharding import constrain, named_shardings
+from lima_jax.sharding import constrain, in_memory, named_shardings
 from lima_jax.train import loss as loss_lib
 
 
@@ -28,10 +35,11 @@ class TrainState(NamedTuple):
     base: dict | None = None  # LoRA: the frozen base (never differentiated); None in full fine-tuning
 
 
-def abstract_train_state(model_cfg, optimizer, mesh: Mesh, lora: lora_lib.LoraConfig | None = None
-                         ) -> tuple[TrainState, TrainState]:
+def abstract_train_state(model_cfg, optimizer, mesh: Mesh, lora: lora_lib.LoraConfig | None = None,
+                         opt_state_memory: str = "device") -> tuple[TrainState, TrainState]:
     """(ShapeDtypeStructs, shardings) of the train state: the optimizer moments follow their
-    parameters' shardings; optimizer scalars (counts) are replicated."""
+    parameters' shardings; optimizer scalars (counts) are replicated; the whole optimizer state
+    lives in memory `opt_state_memory` (sharding.MEMORY_KINDS)."""
     if lora is None:
         params, base, base_shardings = abstract_params(model_cfg), None, None
         param_shardings = named_shardings(param_logical_axes(model_cfg), mesh)
@@ -44,6 +52,7 @@ def abstract_train_state(model_cfg, optimizer, mesh: Mesh, lora: lora_lib.LoraCo
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
                                           transform_non_params=lambda _: replicated)
+    opt_shardings = in_memory(opt_shardings, opt_state_memory)
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state, base)
     return abstract, TrainState(replicated, param_shardings, opt_shardings, base_shardings)
 
@@ -55,7 +64,7 @@ def model_params(params: dict, base: dict | None, lora: lora_lib.LoraConfig | No
 
 
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule, grad_accum_steps: int = 1,
-                    lora: lora_lib.LoraConfig | None = None):
+                    lora: lora_lib.LoraConfig | None = None, opt_state_memory: str = "device"):
     def summed_loss(params, batch, key, base):
         _, (total, count) = loss_lib.lm_loss(model_cfg, model_params(params, base, lora, key), batch, key)
         return total, count
@@ -94,8 +103,12 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, schedule
         finite = jnp.isfinite(loss)
 
         def update(params, opt_state, grads):
+            opt_state = to_memory(opt_state, jax.memory.Space.Device)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            return optax.apply_updates(params, updates), to_memory(opt_state, jax.memory.Space.Host)
+
+        def to_memory(tree, space):  # a copy a leaf; nothing to copy when the state lives on the device
+            return tree if opt_state_memory == "device" else jax.tree.map(lambda x: jax.device_put(x, space), tree)
 
         params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state, _: (params, opt_state),
                                          state.params, state.opt_state, grads)
