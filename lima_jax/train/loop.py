@@ -90,10 +90,10 @@ def train(raw: ml_collections.ConfigDict, workdir) -> TrainState:
 
 def prepare(raw: ml_collections.ConfigDict, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
-    if not raw.data.train_path and not raw.data.get("mixture"):
-        raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
     config_lib.adopt_checkpoint_rope(raw)  # the converted weights' RoPE scaling, not the size file's
     config = config_lib.validate(raw, jax.device_count(), num_slices(jax.devices()))
+    if not config.data.train_path and not config.data.mixture:
+        raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
     model_cfg = config.model
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
