@@ -5,6 +5,7 @@ model and for bench-110m (benchmarks/train_step.py's model). One run, ratios in 
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/fingerprints.py
 """
 
+import dataclasses
 import importlib.util
 import pathlib
 import sys
@@ -42,7 +43,7 @@ def timed(fn, repeats: int = 3) -> tuple[float, float]:
 
 def measure(name: str, config, model_cfg) -> dict:
     mesh = make_mesh(config.mesh)
-    program = build_program(config, model_cfg, mesh, total_steps=10)
+    program = build_program(dataclasses.replace(config_lib.run_config(config), model=model_cfg), mesh, total_steps=10)
     shardings = program.state_shardings
     params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(model_cfg, jax.random.key(0))
     opt_state = jax.jit(program.optimizer.init, out_shardings=shardings.opt_state)(params)

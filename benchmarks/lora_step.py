@@ -13,6 +13,7 @@ Writes benchmarks/results/lora_step.json.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,7 +35,7 @@ def child(rank: int, steps: int) -> dict:
     from train_step import TUNED, make_batch, model_cfg
 
     from lima_jax.backend import compile_step
-    from lima_jax.config import base_config
+    from lima_jax.config import base_config, run_config
     from lima_jax.model import init_params, lora as lora_lib
     from lima_jax.sharding import make_mesh
     from lima_jax.train.program import build_program
@@ -44,7 +45,8 @@ def child(rank: int, steps: int) -> dict:
     config = base_config()
     config.train.grad_accum_steps = TUNED["grad_accum_steps"]
     config.lora.update(rank=rank, base_dtype="bfloat16")
-    program = build_program(config, cfg, make_mesh(config.mesh, jax.devices()[:1]), total_steps=1000)
+    program = build_program(dataclasses.replace(run_config(config), model=cfg), make_mesh(config.mesh, jax.devices()[:1]),
+                            total_steps=1000)
     params = init_params(cfg, jax.random.key(0))
     if program.lora is None:
         state = TrainState(jnp.int32(0), params, program.optimizer.init(params))

@@ -60,6 +60,7 @@ measured beside lima_jax; on a GPU with `--bf16`, also `speedup_vs_transformers_
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -78,7 +79,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lima_jax.backend import compile_step  # noqa: E402
-from lima_jax.config import base_config  # noqa: E402
+from lima_jax.config import base_config, run_config  # noqa: E402
 from lima_jax.convert.hf_config import write_hf_config  # noqa: E402
 from lima_jax.convert.layout import params_from_hf  # noqa: E402
 from lima_jax.model import ModelConfig, flops_per_token, param_count  # noqa: E402
@@ -174,7 +175,8 @@ def jax_step(model: str, settings: dict, hf_state: dict, batch: dict):
     config.optimizer.update(learning_rate=LR, end_learning_rate=LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD,
                             grad_clip_norm=CLIP)
     config.train.grad_accum_steps = settings.get("grad_accum_steps", 1)
-    program = build_program(config, cfg, make_mesh(config.mesh, jax.devices()[:1]), total_steps=1000)
+    program = build_program(dataclasses.replace(run_config(config), model=cfg), make_mesh(config.mesh, jax.devices()[:1]),
+                            total_steps=1000)
     params = jax.tree.map(jnp.asarray, params_from_hf(hf_state, cfg))
     state = TrainState(jnp.int32(0), params, program.optimizer.init(params))
     step_fn = program.train_step

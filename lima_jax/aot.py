@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 
 from lima_jax import config as config_lib
 from lima_jax.model import abstract_params, flops_per_token, param_logical_axes
+from lima_jax.run_config import RunConfig
 from lima_jax.sharding import logical_to_spec, make_mesh, named_shardings
 from lima_jax.train.program import batch_layout_for, bucket_rows, build_program
 
@@ -68,7 +69,7 @@ def topology_devices(name: str, num_slices: int = 1):
     return chip, topologies.get_topology_desc(**kwargs).devices
 
 
-def rows_needed(config) -> tuple[tuple[int, ...], str]:
+def rows_needed(config: RunConfig) -> tuple[tuple[int, ...], str]:
     """(the rows of each bucket's packing, the fullest step's last; where they come from): the
     plan of the configured data when `data.train_path` is set, else one example a row, the most
     a step of `examples_per_step` examples can need."""
@@ -87,11 +88,12 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
     """Compile the train step the loop would run on `topology` (same program builder, same
     batch layout); returns the memory/FLOPs report (raises when the compiler finds no fit)."""
     chip, devices = topology_devices(topology, num_slices)
-    model_cfg = config_lib.validate(config, len(devices), num_slices)
+    config = config_lib.validate(config, len(devices), num_slices)
+    model_cfg = config.model
     buckets, why = rows_needed(config)
-    layout = batch_layout_for(config, model_cfg, buckets[-1], devices)
+    layout = batch_layout_for(config, buckets[-1], devices)
     mesh = make_mesh(config.mesh, devices, context=layout.context)
-    program = build_program(config, model_cfg, mesh, total_steps=1000)
+    program = build_program(config, mesh, total_steps=1000)
     seq, shapes = config.data.seq_len, bucket_rows(layout, buckets)
     with jax.set_mesh(mesh):  # every step shape the run compiles; the report is the largest's
         reports = [report(program.train_step.lower(*program.abstract_args(rows, seq)).compile(), chip, devices)
@@ -132,8 +134,8 @@ def check_decode_step(config, topology: str, num_slices: int = 1, num_slots: int
 def target(config, topology: str, num_slices: int):
     """(chip, devices, model config, mesh) for a config on a named slice, validated first."""
     chip, devices = topology_devices(topology, num_slices)
-    model_cfg = config_lib.validate(config, len(devices), num_slices)
-    return chip, devices, model_cfg, make_mesh(config.mesh, devices)
+    run = config_lib.validate(config, len(devices), num_slices)
+    return chip, devices, run.model, make_mesh(run.mesh, devices)
 
 
 def report(compiled, chip: Chip, devices) -> dict:

@@ -5,6 +5,8 @@ values); every value can be overridden with `--config.key=value`. `validate` run
 anything is compiled, so a config that cannot work fails with a message naming the key.
 """
 
+import importlib.util
+
 import ml_collections
 
 from lima_jax.data.chat_format import FORMATS, TRAIN_ON
@@ -12,6 +14,7 @@ from lima_jax.data.pipeline import GROUPINGS, data_sources
 from lima_jax.errors import ConfigError
 from lima_jax.model.config import ROPE_SCALING_KEYS, ModelConfig
 from lima_jax.model.lora import LoraConfig
+from lima_jax.run_config import RunConfig, build, section_defaults
 from lima_jax.sharding import MEMORY_KINDS, resolve_mesh_shape
 
 
@@ -34,55 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
         **{**ModelConfig.family_defaults(), "head_dim": ml_collections.config_dict.placeholder(int)},
     ))
 
-    # ICI axes per slice (one may be -1: the rest of the devices) and DCN axes across slices.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-
-    # LIMA data: paths may be local or gs://. See lima_jax/data/pipeline.py for the batch semantics.
-    c.data = ml_collections.ConfigDict(dict(
-        train_path="", tokenizer_path="",
-        dev_path="",  # a LIMA-format dev file; with it, all of train_path trains (the paper's setup)
-        dev_size=50,  # without dev_path: examples held out of train_path (0: no dev loss, no dev samples)
-        sources=(),  # keep only examples whose `source` field is listed; () = all
-        seq_len=2048,
-        examples_per_step=64,  # LIMA: 32 for 65B, 64 for smaller models; exact on every mesh
-        rows_per_step=-1,  # packed [rows, seq_len] rows a step; -1 = the most any step needs (the plan)
-        format="auto",  # the record format: auto (detected from the first record), lima, openai, sharegpt, alpaca
-        # Several train sources sampled by weight, replacing train_path: ((path, weight[, format]), ...),
-        # e.g. --config.data.mixture="(('lima.jsonl', 3.0), ('mine.jsonl', 1.0))"; see data/pipeline.py.
-        mixture=(),
-        chat_format="lima",  # lima | llama3 | chatml (lima_jax/data/chat_format.py); recorded in checkpoints
-        train_on="all",  # all: every assistant turn trains (LIMA's dialogues); last: the final one only
-        # How the shuffled epochs' examples are dealt into steps: "balanced" (swaps a few examples between
-        # the steps of an epoch so every step needs about the same rows) or "random" (the shuffle's order).
-        grouping="balanced",
-        row_buckets=1,  # compiled step shapes (1-3): each step takes the fewest rows of them that hold it
-    ))
-
-    # LIMA: AdamW, lr 1e-5 decaying linearly to 1e-6 over the run, no warmup, 15 epochs.
-    c.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-5, end_learning_rate=1e-6, warmup_steps=0, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, grad_clip_norm=1.0,  # clipping: not in the paper; HF Trainer's default
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        epochs=15,
-        max_steps=-1,  # > 0 stops early (smoke runs); the schedule still spans the full run
-        grad_accum_steps=1,  # micro-batches per optimizer step (rows_per_step must divide)
-        log_every_steps=1,
-        checkpoint_every_steps=0,  # 0: only at the end of every epoch
-        keep_epochs=(5, 6, 7, 8, 9, 10),  # LIMA chose among epochs 5-10; the latest is kept too
-        async_checkpointing=True,
-        eval_every_epoch=True,  # dev loss / perplexity after each epoch
-        sample_dev_prompts=3,  # answers to this many dev prompts written next to each epoch's checkpoint
-        sample_max_new_tokens=256,
-        compilation_cache_dir="~/.cache/lima_jax/xla",  # persistent; "" disables
-        peak_flops_per_device=0.0,  # for MFU where the chip is not in train.metrics.PEAK_FLOPS; 0 = the table
-        profile_steps=(),  # e.g. (5, 8): write a JAX profiler trace of steps 5..7 to WORKDIR/profile
-        accept_changed=(),  # run-defining keys a resume may change deliberately, e.g. ("train.epochs",)
-        # Where AdamW's moments wait between steps: "device", or "pinned_host" (host memory: their HBM
-        # is free during the forward and backward passes, e.g. 65B on v4-64, for two host-device
-        # copies a step; the same numbers either way).
-        opt_state_memory="device",
-    ))
+    # mesh, data, optimizer, train: defaults and comments in lima_jax/run_config.py (one line a key).
+    for name, values in section_defaults().items():
+        c[name] = ml_collections.ConfigDict(values)
     c.init_checkpoint = ""  # converted weights (lima_jax.checkpoint layout); "" = random init
     # LoRA (lima_jax/model/lora.py): rank > 0 trains low-rank adapters on these projections and
     # freezes the base (init_checkpoint) in base_dtype; the optimizer sees the adapters only.
@@ -240,13 +197,44 @@ def changed_run_keys(saved: dict, current: dict) -> list[str]:
     return out
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> ModelConfig:
-    """Check a config against the devices before compiling; returns the model config.
+def run_config(c: ml_collections.ConfigDict) -> RunConfig:
+    """The typed run config, checked without devices (`validate_values`, then every key's type)."""
+    validate_values(c)
+    run = build(c)
+    check_end_of_run(run)
+    return run
+
+
+def check_end_of_run(run: RunConfig) -> None:
+    """What W&B tracking and the epoch selection need, checked before anything runs."""
+    train = run.train
+    if train.select:
+        missing = [k for k in ("judge_url", "judge_model") if not getattr(train, k)]
+        if missing:
+            raise ConfigError(f"config.train.select=True needs config.train.{missing[0]}: the judge's OpenAI-compatible "
+                              "endpoint and model name")
+        if not train.eval_every_epoch:
+            raise ConfigError("config.train.select=True needs config.train.eval_every_epoch=True: the epochs' dev "
+                              "answers are written at the end of each epoch")
+        if len(train.selected_epochs()) < 2:
+            raise ConfigError(f"config.train.select=True compares the kept epochs (config.train.keep_epochs="
+                              f"{train.keep_epochs} within config.train.epochs={train.epochs}, and the last): "
+                              "keep at least two")
+        if not run.data.dev_path and not run.data.dev_size:
+            raise ConfigError("config.train.select=True needs dev prompts: set config.data.dev_path or "
+                              "config.data.dev_size > 0")
+    for key, package in (("select", "openai"), ("wandb", "wandb")):
+        if getattr(train, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"config.train.{key}=True needs the {package} package: pip install {package}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1) -> RunConfig:
+    """Check a config against the devices before compiling; returns the typed run config.
 
     Raises ConfigError naming the offending config key."""
-    validate_values(c)
-    model = model_config(c)
-    ici, dcn = resolve_mesh_shape(c.mesh, num_devices, num_slices)
+    run = run_config(c)
+    model = run.model
+    ici, dcn = resolve_mesh_shape(run.mesh, num_devices, num_slices)
     tensor = ici[-1] * dcn[-1]
     for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads),
                        ("model.ffn_dim", model.ffn_dim)):
@@ -256,10 +244,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
     if model.padded_vocab_size % tensor:
         raise ConfigError(f"the padded vocabulary {model.padded_vocab_size} is not divisible by the tensor-parallel "
                           f"size {tensor}: raise config.model.vocab_multiple")
-    if model.attention == "splash" and c.data.seq_len % 128:
+    if model.attention == "splash" and run.data.seq_len % 128:
         raise ConfigError(f"config.model.attention='splash' tiles the sequence by 128: config.data.seq_len="
-                          f"{c.data.seq_len} is not a multiple of 128")
+                          f"{run.data.seq_len} is not a multiple of 128")
     if model.attention == "cudnn" and model.dtype not in ("bfloat16", "float16"):
         raise ConfigError(f"config.model.attention='cudnn' runs in bfloat16 or float16, not config.model.dtype="
                           f"{model.dtype!r}")
-    return model
+    return run

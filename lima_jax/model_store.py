@@ -26,6 +26,7 @@ from lima_jax import checkpoint
 from lima_jax.errors import ConfigError, ConversionError, DamagedCheckpoint, LoraBaseChanged
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.lora import TARGETS, LoraConfig, get_path, set_path, target_path
+from lima_jax.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def check_tokenizer_fits(tokenizer, origin: str, meta: CheckpointMeta, where) ->
                           "the weights were trained with: pass the right one with --tokenizer")
 
 
-def training_tokenizer(config):
+def training_tokenizer(config: RunConfig):
     """The tokenizer a run trains with, when `config.init_checkpoint` names one: the one stored
     there when `data.tokenizer_path` is empty; a given tokenizer must be that one (the weights
     were trained with it). None: the data pipeline loads `data.tokenizer_path` itself."""
@@ -214,12 +215,10 @@ def training_tokenizer(config):
 
 # ---- the LoRA base: rebuilt as training held it ----
 
-def lora_record(config) -> LoraRecord | None:
+def lora_record(config: RunConfig) -> LoraRecord | None:
     """What a LoRA run's checkpoints record besides the adapters (None: full fine-tuning): their
     settings, and their base with the fingerprint of its parameters as they are now."""
-    from lima_jax.config import lora_config
-
-    settings = lora_config(config)
+    settings = config.lora
     if settings is None:
         return None
     base = config.init_checkpoint

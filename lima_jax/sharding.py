@@ -121,6 +121,8 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1, context:
 
     Raises ValueError naming the `config.mesh.*` keys when the sizes do not fit the devices.
     """
+    if dataclasses.is_dataclass(mesh_cfg):  # run_config.MeshConfig; a saved config's mesh is a mapping
+        mesh_cfg = dataclasses.asdict(mesh_cfg)
     if num_devices % num_slices:
         raise ValueError(f"{num_devices} devices do not split into {num_slices} equal slices")
     dcn = _fill([int(mesh_cfg.get(f"dcn_{a}", 1)) for a in CONFIG_AXES], num_slices, "dcn_", num_devices, "slices")

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lima_jax.config import base_config, model_config, validate_values
+from lima_jax.config import base_config, run_config, validate_values
 from lima_jax.data import demo, pipeline as P
 from lima_jax.errors import ConfigError
 from lima_jax.train.program import batch_layout_for
@@ -60,7 +60,7 @@ def test_mixture_steps_and_shares_on_two_meshes(files, data):
     for mesh, rows in ((dict(fsdp=-1), -1), (dict(fsdp=2, tensor=4), 8)):
         config.mesh.update(mesh)
         config.data.rows_per_step = rows
-        layout = batch_layout_for(config, model_config(config), plan.rows_needed, jax.devices())
+        layout = batch_layout_for(run_config(config), plan.rows_needed, jax.devices())
         batches = run_batches(data, P.Plan(**{**plan.__dict__, "rows_per_step": layout.rows}))
         runs.append((layout.rows, batches))
         examples = [int(b["examples"]) for b in batches]

@@ -559,3 +559,31 @@ def test_endpoint_answers_equal_the_checkpoints(proxy, judge_checkpoint, tmp_pat
     summary = answer_file_at_endpoint(client, prompts, str(output), settings, resume=True, progress=False)
     assert (summary["resumed"], summary["sent"], summary["answered_from_cache"]) == (3, 0, prompts_count - 3)
     assert proxy.forwarded == prompts_count and output.read_text() == remote_text
+
+
+def test_a_run_with_train_select_judges_its_kept_epochs(proxy, tmp_path, monkeypatch):
+    """config.train.select: a tiny run judged at its end by serve.py (through the proxy), on the
+    answers of its kept epochs to every dev prompt, not only the `sample_dev_prompts` first."""
+    from lima_jax.train import loop
+    from tests.tiny_run import tiny_config
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server needs no key
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"conversations": [q, a]} for q, a in zip(QUESTIONS, OURS)])
+    config = tiny_config(epochs=3, keep_epochs=(2, 3), eval_every_epoch=True, sample_dev_prompts=1,
+                         sample_max_new_tokens=4, select=True, judge_url=proxy.url, judge_model="tiny-judge")
+    config.model.update(dim=32, n_layers=1, ffn_dim=64)
+    config.data.update(seq_len=128, dev_path=dev)
+    workdir = tmp_path / "run"
+    loop.train(config, workdir)
+
+    samples = sorted((workdir / "dev_samples").glob("*.jsonl"))
+    assert len(samples) == 3 and all(len(p.read_text().splitlines()) == len(QUESTIONS) for p in samples)
+    summary = json.loads((workdir / "select" / "summary.json").read_text())
+    assert summary["epochs"] == [2, 3] and summary["judge_model"] == "tiny-judge"  # the kept epochs, not 1
+    table = {row["epoch"]: row for row in summary["table"]}
+    assert all(row["meetings"] == len(QUESTIONS) for row in table.values())  # one opponent x every dev prompt
+    assert table[2]["wins"] == table[3]["losses"] and table[2]["ties"] == table[3]["ties"]
+    assert 0 < proxy.forwarded <= 2 * len(QUESTIONS)  # both orders of each prompt (identical answers: one request)
+    best = summary["recommended"]
+    assert best["epoch"] in (2, 3) and best["checkpoint"] == str(workdir / "checkpoints" / str(best["step"]))
+    assert len((workdir / "select" / "verdicts.jsonl").read_text().splitlines()) == len(QUESTIONS)

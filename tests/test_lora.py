@@ -132,15 +132,15 @@ def test_config_errors_name_the_key():
 # ---- the train program ----
 
 def lora_program(rank: int, base_dtype: str = "bfloat16", steps: int = 10):
-    from lima_jax.config import model_config
+    from lima_jax.config import run_config
     from lima_jax.sharding import make_mesh
     from lima_jax.train.program import build_program
     from tests.tiny_run import tiny_config
 
     config = tiny_config()
     config.lora.update(rank=rank, base_dtype=base_dtype)
-    cfg = model_config(config)
-    return config, cfg, build_program(config, cfg, make_mesh(config.mesh), total_steps=steps)
+    run = run_config(config)
+    return config, run.model, build_program(run, make_mesh(run.mesh), total_steps=steps)
 
 
 def test_rank_zero_is_full_fine_tuning():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lima_jax import checkpoint as ckpt
-from lima_jax.config import base_config, validate_values
+from lima_jax.config import base_config, run_config, validate_values
 from lima_jax.errors import ConfigError
 from lima_jax.sharding import check_memory_kind, make_mesh
 from lima_jax.train.program import build_program
@@ -28,7 +28,7 @@ def program(memory: str):
     config = base_config()
     config.optimizer.learning_rate = 1e-3
     config.train.opt_state_memory = memory
-    return build_program(config, MODEL, make_mesh(config.mesh), total_steps=10)
+    return build_program(dataclasses.replace(run_config(config), model=MODEL), make_mesh(config.mesh), total_steps=10)
 
 
 def start(prog) -> TrainState:

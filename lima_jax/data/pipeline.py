@@ -67,10 +67,10 @@ class Source:
 
 def data_sources(data_cfg) -> list[Source]:
     """`train_path`, or the entries of `mixture`, checked; raises ConfigError naming the key."""
-    fmt = data_cfg.get("format", "auto")
+    fmt = getattr(data_cfg, "format", "auto")
     if fmt not in ("auto", *FORMATS):
         raise ConfigError(f"config.data.format={fmt!r}: one of {['auto', *FORMATS]}")
-    mixture = data_cfg.get("mixture", ())
+    mixture = getattr(data_cfg, "mixture", ())
     if not mixture:
         return [Source(data_cfg.train_path, 1.0, fmt)]
     usage = "a tuple of (path, weight) or (path, weight, format) entries, e.g. (('lima.jsonl', 3.0), ('mine.jsonl', 1.0))"
@@ -192,7 +192,7 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
     train source held out by the seed (0: none)."""
     tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer_path)
     sources, inputs = tuple(data_cfg.sources), data_sources(data_cfg)
-    fmt = (data_cfg.get("chat_format", "lima"), data_cfg.get("train_on", "all"))
+    fmt = (getattr(data_cfg, "chat_format", "lima"), getattr(data_cfg, "train_on", "all"))
     chat_format.check(tokenizer, fmt[0])
     per_input, stats, formats = [], Stats(), []
     for origin, src in enumerate(inputs):
@@ -202,10 +202,10 @@ def load_data(data_cfg, seed: int, tokenizer: Tokenizer | None = None) -> LimaDa
         stats += counts
         formats.append(found)
     first, others = per_input[0], [e for examples in per_input[1:] for e in examples]
-    found = dict(inputs=tuple(inputs), formats=tuple(formats), mixed=bool(data_cfg.get("mixture", ())))
+    found = dict(inputs=tuple(inputs), formats=tuple(formats), mixed=bool(getattr(data_cfg, "mixture", ())))
     if data_cfg.dev_path:
         dev, _, dev_format = load_examples(data_cfg.dev_path, tokenizer, data_cfg.seq_len, sources, *fmt,
-                                           record_format=data_cfg.get("format", "auto"))
+                                           record_format=getattr(data_cfg, "format", "auto"))
         return LimaData(tokenizer, first + others, dev, stats, seed, data_cfg.seq_len,
                         f"{data_cfg.dev_path} ({dev_format})", **found)
     if not 0 <= data_cfg.dev_size < len(first):

@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 
@@ -21,6 +22,7 @@ from lima_jax.backend import compile_step
 from lima_jax.data import pipeline
 from lima_jax.errors import ConfigError, NonFiniteLoss, ResumeRefused
 from lima_jax.model import flops_per_token, init_params, lora as lora_lib
+from lima_jax.run_config import RunConfig
 from lima_jax.sharding import BatchLayout, make_mesh, num_slices
 from lima_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from lima_jax.train.program import TrainProgram, batch_layout_for, bucket_rows, build_program
@@ -30,7 +32,8 @@ from lima_jax.train.step import TrainState, model_params
 @dataclasses.dataclass
 class Run:
     """Everything fixed before the first step."""
-    config: object
+    config: RunConfig  # the typed config the run reads
+    raw: ml_collections.ConfigDict  # the same as given, written to config.json and checkpoints
     workdir: epath.Path
     data: pipeline.LimaData
     plan: pipeline.Plan
@@ -47,8 +50,9 @@ class Run:
         return self.plan.total_steps
 
 
-def train(config, workdir) -> TrainState:
-    run = prepare(config, workdir)
+def train(raw: ml_collections.ConfigDict, workdir) -> TrainState:
+    run = prepare(raw, workdir)
+    config = run.config
     log_plan(run)
     state = restore_or_init(run)
     start = int(state.step)
@@ -74,17 +78,23 @@ def train(config, workdir) -> TrainState:
         run.manager.wait_until_finished()
         run.manager.close()
         loop.close()
+    if config.train.select and int(state.step) == run.total_steps and jax.process_index() == 0:
+        from lima_jax.train.selection import select_epoch  # the judge's client is optional for training
+
+        log(f"judging epochs {config.train.selected_epochs()} with {config.train.judge_model} at {config.train.judge_url}")
+        log(select_epoch(config, run.workdir)["printed"])
     return state
 
 
 # ---- before the first step: everything that can fail does so here, before compiling ----
 
-def prepare(config, workdir) -> Run:
+def prepare(raw: ml_collections.ConfigDict, workdir) -> Run:
     workdir = ckpt.as_path(workdir)
-    if not config.data.train_path and not config.data.get("mixture"):
+    config_lib.adopt_checkpoint_rope(raw)  # the converted weights' RoPE scaling, not the size file's
+    config = config_lib.validate(raw, jax.device_count(), num_slices(jax.devices()))
+    if not config.data.train_path and not config.data.mixture:
         raise ConfigError("config.data.train_path is empty: give the training data (a file, a folder, gs://, hf://)")
-    config_lib.adopt_checkpoint_rope(config)  # the converted weights' RoPE scaling, not the size file's
-    model_cfg = config_lib.validate(config, jax.device_count(), num_slices(jax.devices()))
+    model_cfg = config.model
     if config.train.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(config.train.compilation_cache_dir).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -94,14 +104,14 @@ def prepare(config, workdir) -> Run:
         raise ConfigError(f"the tokenizer {config.data.tokenizer_path or '(demo)'} needs {data.tokenizer.vocab_size} "
                           f"ids{' (pieces + EOT)' if data.tokenizer.eot_added else ''}, but config.model.vocab_size="
                           f"{model_cfg.vocab_size}: use the tokenizer the weights were converted with")
-    identity = config_lib.run_identity(config, data.digest("train"), data.digest("dev"))
-    check_same_run_on_all_processes(config, identity)
+    identity = config_lib.run_identity(raw, data.digest("train"), data.digest("dev"))
+    check_same_run_on_all_processes(raw, identity)
     plan = pipeline.make_plan(data, config.data.examples_per_step, config.train.epochs, config.data.grouping,
                               config.data.row_buckets)
-    layout = batch_layout_for(config, model_cfg, plan.rows_needed, jax.devices())
+    layout = batch_layout_for(config, plan.rows_needed, jax.devices())
     plan = dataclasses.replace(plan, rows_per_step=layout.rows, buckets=bucket_rows(layout, plan.buckets))
     mesh = make_mesh(config.mesh, context=layout.context)
-    program = build_program(config, model_cfg, mesh, plan.total_steps)
+    program = build_program(config, mesh, plan.total_steps)
 
     # Steps take the epochs back to back, examples_per_step at a time, so a step can hold the end
     # of one epoch and the start of the next: an epoch "ends" at its share of the steps.
@@ -110,8 +120,8 @@ def prepare(config, workdir) -> Run:
     keep = [epoch_ends[e - 1] for e in config.train.keep_epochs if 0 < e <= epochs]
     manager = ckpt.manager(workdir / ckpt.CHECKPOINTS_SUBDIR, keep_steps=keep,
                            async_save=config.train.async_checkpointing)
-    run = Run(config, workdir, data, plan, layout, program, manager, identity, model_store.lora_record(config), epoch_ends,
-              pipeline.train_iterator(data, plan))
+    run = Run(config, raw, workdir, data, plan, layout, program, manager, identity, model_store.lora_record(config),
+              epoch_ends, pipeline.train_iterator(data, plan))
     check_resume(run)
     return run
 
@@ -229,10 +239,10 @@ def record_config(run: Run, start: int) -> None:
         history = json.loads(path.read_text()) if path.exists() else []
         history = history if isinstance(history, list) else [{"config": history}]  # a single config before
         history.append({"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                        "start_step": start, "config": json.loads(run.config.to_json_best_effort())})
+                        "start_step": start, "config": json.loads(run.raw.to_json_best_effort())})
         run.workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(history, indent=2))
-        log("effective config:\n" + str(run.config))
+        log("effective config:\n" + str(run.raw))
 
 
 # ---- the steps ----
@@ -242,7 +252,8 @@ class StepLoop:
 
     def __init__(self, run: Run, start: int):
         self.run, self.train_iter = run, run.train_iter
-        self.writer = MetricsWriter(run.workdir, start)
+        wandb = dict(config=json.loads(run.raw.to_json_best_effort()), project=run.config.train.wandb_project)
+        self.writer = MetricsWriter(run.workdir, start, wandb=wandb if run.config.train.wandb else None)
         self.flops_per_real_token = flops_per_token(run.program.model_cfg, run.plan.seq_len, run.program.lora)
         self.peak = peak_flops_per_device(override=run.config.train.peak_flops_per_device)
         self.progress = progress_bar(start, run.total_steps)
@@ -298,7 +309,7 @@ def save(run: Run, step: int, state: TrainState, train_iter) -> None:
     tokenizer = run.data.tokenizer
     meta = model_store.CheckpointMeta(
         model=run.program.model_cfg, step=step, eot_id=tokenizer.eot_id, tokenizer=tokenizer.to_record(),
-        chat_format=run.config.data.chat_format, config=json.loads(run.config.to_json_best_effort()), run=run.identity,
+        chat_format=run.config.data.chat_format, config=json.loads(run.raw.to_json_best_effort()), run=run.identity,
         source={"from": "train"}, lora=run.lora)
     ckpt.save_train_state(run.manager, step, state.params, state.opt_state, train_iter, meta.to_json())
 
@@ -315,14 +326,15 @@ def end_of_epoch(run: Run, step: int, state: TrainState, writer: MetricsWriter) 
     loss = total / max(count, 1.0)
     writer.write(step, {"epoch": epoch, "dev_loss": loss, "dev_perplexity": float(np.exp(loss))})
     log(f"epoch {epoch}: dev loss {loss:.4f}, perplexity {np.exp(loss):.2f}")
-    sample_dev_answers(run, model_params(state.params, state.base, run.program.lora), step, epoch)
+    sample_dev_answers(run, model_params(state.params, state.base, run.program.lora), step, epoch, writer)
 
 
-def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:
-    """Answers to the first few dev prompts with LIMA's decoding, written next to the epoch's
-    checkpoint so a person can read epochs 5-10 side by side."""
+def sample_dev_answers(run: Run, params, step: int, epoch: int, writer: MetricsWriter) -> None:
+    """Answers to the first few dev prompts (all of them for `train.select`) with LIMA's
+    decoding, written next to the epoch's checkpoint so a person (or the judge) can compare
+    epochs 5-10 side by side; a table in W&B too."""
     config, data = run.config, run.data
-    n = config.train.sample_dev_prompts
+    n = len(data.dev) if config.train.select else config.train.sample_dev_prompts
     if n <= 0:
         return
     from lima_jax.sampling.decoding import SamplingSettings  # sampling is optional for training
@@ -338,6 +350,7 @@ def sample_dev_answers(run: Run, params, step: int, epoch: int) -> None:
         out = run.workdir / "dev_samples" / f"epoch{epoch:02d}_step{step}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    writer.table(step, "dev_samples", rows)
     for row in rows:
         log(f"epoch {epoch} sample | {row['prompt'][:80]!r} -> {row['answer'][:160]!r}")
 

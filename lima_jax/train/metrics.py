@@ -1,4 +1,4 @@
-"""Metrics: TensorBoard, WORKDIR/metrics.jsonl (appended across restarts), and MFU.
+"""Metrics: TensorBoard, WORKDIR/metrics.jsonl (appended across restarts), W&B when on, and MFU.
 
 A run resumed from the checkpoint of step N first drops what an interrupted run logged after
 step N (it will log those steps again): rows of metrics.jsonl past N, and TensorBoard events
@@ -52,11 +52,12 @@ def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
 class MetricsWriter:
     """One writer for both sinks; only process 0 writes."""
 
-    def __init__(self, workdir, start_step: int = 0):
-        """`start_step`: the step the run starts from (the restored checkpoint's, or 0)."""
+    def __init__(self, workdir, start_step: int = 0, wandb: dict | None = None):
+        """`start_step`: the step the run starts from (the restored checkpoint's, or 0); `wandb`:
+        train.tracking.WandbRun's arguments (config, project) to log the rows there too."""
         self.active = jax.process_index() == 0
         self.path = storage.path(workdir) / "metrics.jsonl"
-        self._tb = None
+        self._tb = self._wandb = None
         self._remote_text = None  # a bucket's metrics.jsonl as written so far; None for a local file
         if self.active:
             from tensorboardX import SummaryWriter  # lazy: a heavy import, and only process 0 needs it
@@ -65,6 +66,10 @@ class MetricsWriter:
             if storage.is_remote(self.path):
                 self._remote_text = self.path.read_text() if self.path.exists() else ""
             self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"), purge_step=start_step + 1)
+            if wandb is not None:
+                from lima_jax.train.tracking import WandbRun
+
+                self._wandb = WandbRun(workdir, **wandb)
 
     def _drop_rows_after(self, step: int) -> None:
         if not self.path.exists():
@@ -85,6 +90,13 @@ class MetricsWriter:
             if key != "step":
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in row.items() if k != "step"})
+
+    def table(self, step: int, key: str, rows: list[dict]) -> None:
+        """Rows of text (dev answers) at `step`: to W&B when it is on (metrics.jsonl holds numbers)."""
+        if self.active and self._wandb is not None:
+            self._wandb.table(step, key, rows)
 
     def _append(self, line: str) -> None:
         if self._remote_text is None:
@@ -97,6 +109,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _row_step(line: str) -> float:

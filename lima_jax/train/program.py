@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lima_jax import config as config_lib
 from lima_jax.backend import compiler_options
 from lima_jax.data.pipeline import FEATURES, batch_sharding
 from lima_jax.model import ModelConfig, lora as lora_lib
+from lima_jax.run_config import RunConfig
 from lima_jax.sharding import BatchLayout, batch_layout, check_memory_kind, num_slices, resolve_mesh_shape
 from lima_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lima_jax.train.step import TrainState, abstract_train_state, make_eval_step, make_train_step
@@ -45,16 +45,15 @@ class TrainProgram:
         return state, self.abstract_batch(rows, seq_len), key
 
 
-def build_program(config, model_cfg: ModelConfig, mesh: Mesh, total_steps: int) -> TrainProgram:
-    schedule = learning_rate_schedule(config.optimizer, total_steps)
-    optimizer = make_optimizer(config.optimizer, schedule)
-    lora = config_lib.lora_config(config)
-    opt_state_memory = config.train.get("opt_state_memory", "device")
+def build_program(run: RunConfig, mesh: Mesh, total_steps: int) -> TrainProgram:
+    model_cfg, lora, opt_state_memory = run.model, run.lora, run.train.opt_state_memory
+    schedule = learning_rate_schedule(run.optimizer, total_steps)
+    optimizer = make_optimizer(run.optimizer, schedule)
     check_memory_kind(mesh.devices.flat, opt_state_memory, "train.opt_state_memory")
     abstract_state, state_shardings = abstract_train_state(model_cfg, optimizer, mesh, lora, opt_state_memory)
     batch = batch_sharding(mesh)
     replicated = state_shardings.step
-    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, config.train.grad_accum_steps, lora,
+    train_step = jax.jit(make_train_step(model_cfg, optimizer, schedule, run.train.grad_accum_steps, lora,
                                          opt_state_memory),
                          in_shardings=(state_shardings, batch, replicated), out_shardings=(state_shardings, replicated),
                          donate_argnums=0, compiler_options=compiler_options(mesh.devices.flat[0].platform))
@@ -64,13 +63,13 @@ def build_program(config, model_cfg: ModelConfig, mesh: Mesh, total_steps: int) 
                         eval_step)
 
 
-def batch_layout_for(config, model_cfg: ModelConfig, rows_needed: int, devices) -> BatchLayout:
+def batch_layout_for(run: RunConfig, rows_needed: int, devices) -> BatchLayout:
     """The step's rows and how they lie over `devices` (see sharding.batch_layout). Only the
     xla attention takes sequences split over devices (splash and cuDNN see whole rows)."""
-    ici, dcn = resolve_mesh_shape(config.mesh, len(devices), num_slices(devices))
+    ici, dcn = resolve_mesh_shape(run.mesh, len(devices), num_slices(devices))
     batch_shards = ici[0] * ici[1] * dcn[0] * dcn[1]
-    return batch_layout(rows_needed, config.train.grad_accum_steps, batch_shards, ici[1], config.data.seq_len,
-                        fixed_rows=config.data.rows_per_step, allow_context=model_cfg.attention == "xla")
+    return batch_layout(rows_needed, run.train.grad_accum_steps, batch_shards, ici[1], run.data.seq_len,
+                        fixed_rows=run.data.rows_per_step, allow_context=run.model.attention == "xla")
 
 
 def bucket_rows(layout: BatchLayout, buckets) -> tuple[int, ...]:
