@@ -100,7 +100,7 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
                    for rows in shapes]
     return dict(max(reports, key=lambda r: r["total_gib"]), step="train", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=layout.rows, shapes=shapes, seq_len=seq, remat_policy=model_cfg.remat_policy,
-                opt_state_memory=config.train.get("opt_state_memory", "device"),
+                opt_state_memory=config.train.opt_state_memory,
                 attention=model_cfg.attention, layout=layout.describe(seq), rows_from=why,
                 model_flops_per_step=flops_per_token(model_cfg, seq, program.lora) * layout.rows * seq)
 
