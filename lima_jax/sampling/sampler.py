@@ -65,10 +65,15 @@ class Sampler:
                              "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
         return chat_format.prompt_ids(turns, self.tokenizer, fmt, system)
 
-    def decoder(self, slots: int, length: int | None = None, prompt_width: int | None = None) -> Decoder:
+    def decoder(self, slots: int, length: int | None = None, prompt_width: int | None = None,
+                prefix_cache_bytes: int = 0) -> Decoder:
         """The decode step's slots over this model (`length`: cache positions, the model's context
-        by default; `prompt_width`: see Decoder)."""
-        return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width)
+        by default; `prompt_width`: see Decoder), with a prefix cache of `prefix_cache_bytes`
+        (0: none; lima_jax.sampling.prefix_cache)."""
+        from lima_jax.sampling.prefix_cache import PrefixCache
+
+        cache = PrefixCache(self.cfg, prefix_cache_bytes) if prefix_cache_bytes else None
+        return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width, cache)
 
     def decode(self, requests: Sequence[Request], slots: int = SLOTS,
                on_token: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, dict]]:
