@@ -289,10 +289,8 @@ class Decoder:
             self.state = insert(self.cfg, self.params, self.state, new)
             self._count_prefill(*new["tokens"].shape, new["tokens"].shape[1])
         else:
-            from lima_jax.sampling import prefix_cache  # the cache builds on this module
-
-            self.state, fed, keys = prefix_cache.prefill(self.prefix_cache, self.cfg, self.params, self.state, new,
-                                                         [r.prompt for _, r in batch], slots, self.length)
+            self.state, fed, keys = self.prefix_cache.prefill(self.cfg, self.params, self.state, new,
+                                                              [r.prompt for _, r in batch], slots, self.length)
             self._count_prefill(rows, fed, keys)
 
     def _count_prefill(self, rows: int, fed: int, keys: int) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from lima_jax.errors import ConfigError
 from lima_jax.model import ModelConfig
-from lima_jax.sampling.decode import constrain_cache, prefill_rows
+from lima_jax.sampling.decode import PROMPT_BUCKET, constrain_cache, insert, prefill_rows
 from lima_jax.sharding import constrain
 
 BLOCK = 16  # tokens a block: the reuse granularity (a prompt's last partial block is always fed)
@@ -169,46 +169,44 @@ class PrefixCache:
                 self.pages.move_to_end(key)
         return out
 
+    def prefill(self, cfg: ModelConfig, params: dict, state: dict, new: dict, prompts: list, slots: list[int],
+                length: int) -> tuple[dict, int, int]:
+        """Decoder's prefill of `prompts` (rows 0 .. len(prompts) - 1 of insert's `new`) into `slots`
+        over the prefix cache: each row's cached blocks are gathered and the rest fed, then its new
+        full blocks stored. Returns (the new state, tokens fed a row, cache positions a row)."""
+        keys = [self.keys(p) for p in prompts]
+        found = [self.lookup(k) for k in keys]
+        bucket = lambda n: -(-n // PROMPT_BUCKET) * PROMPT_BUCKET  # noqa: E731  few shapes compile
+        rows, width = new["tokens"].shape
+        prefix = bucket(max((len(f) for f in found), default=0) * BLOCK)
+        fed = bucket(max((len(p) - len(f) * BLOCK for p, f in zip(prompts, found)), default=1))
+        if prefix == 0 or prefix + fed > length:  # nothing cached, or no room for a row cache of both: feed it all
+            found = [[] for _ in prompts]
+            state = insert(cfg, params, state, new)
+            fed = positions = width
+        else:
+            new = dict(new, start=np.zeros(rows, np.int32), suffix=np.zeros((rows, fed), np.int32),
+                       blocks=np.zeros((rows, prefix // BLOCK), np.int32))
+            for row, (prompt, pages) in enumerate(zip(prompts, found)):
+                start = len(pages) * BLOCK
+                new["start"][row], new["blocks"][row, :len(pages)] = start, pages
+                new["suffix"][row, :len(prompt) - start] = prompt[start:]
+            state = insert_cached(cfg, params, state, self.pool, new)
+            positions = prefix + fed
+        taken = {page for pages in found for page in pages}  # an admission never evicts what it reads or writes
+        copies = []
+        for row_keys, pages, slot in zip(keys, found, slots):
+            self.use(row_keys, len(pages))
+            copies += [(slot, i * BLOCK, page) for i, page in self.claim(row_keys, len(pages), taken)]
+        if copies:
+            n = 1 << (len(copies) - 1).bit_length()  # a power of two: few shapes compile
+            copies += [(0, 0, self.num_blocks)] * (n - len(copies))  # page N: dropped
+            slot_ids, starts, pages = (np.asarray(c, np.int32) for c in zip(*copies))
+            self.pool = store_blocks(self.pool, state["cache"], slot_ids, starts, pages)
+        return state, fed, positions
+
     def stats(self) -> dict:
         used = len(self.pages)
         return {"hits": self.hits, "misses": self.misses, "blocks_used": used, "bytes_used": used * self.block_bytes,
                 "budget_bytes": self.num_blocks * self.block_bytes, "block_tokens": BLOCK}
 
-
-def prefill(cache: PrefixCache, cfg: ModelConfig, params: dict, state: dict, new: dict, prompts: list, slots: list[int],
-            length: int) -> tuple[dict, int, int]:
-    """Decoder's prefill of `prompts` (rows 0 .. len(prompts) - 1 of insert's `new`) into `slots`
-    over the prefix cache: each row's cached blocks are gathered and the rest fed, then its new
-    full blocks stored. Returns (the new state, tokens fed a row, cache positions a row)."""
-    from lima_jax.sampling.decode import PROMPT_BUCKET, insert
-
-    keys = [cache.keys(p) for p in prompts]
-    found = [cache.lookup(k) for k in keys]
-    bucket = lambda n: -(-n // PROMPT_BUCKET) * PROMPT_BUCKET  # noqa: E731  few shapes compile
-    rows, width = new["tokens"].shape
-    prefix = bucket(max((len(f) for f in found), default=0) * BLOCK)
-    fed = bucket(max((len(p) - len(f) * BLOCK for p, f in zip(prompts, found)), default=1))
-    if prefix == 0 or prefix + fed > length:  # nothing cached, or no room for a row cache of both: feed it all
-        found = [[] for _ in prompts]
-        state = insert(cfg, params, state, new)
-        fed = positions = width
-    else:
-        new = dict(new, start=np.zeros(rows, np.int32), suffix=np.zeros((rows, fed), np.int32),
-                   blocks=np.zeros((rows, prefix // BLOCK), np.int32))
-        for row, (prompt, pages) in enumerate(zip(prompts, found)):
-            start = len(pages) * BLOCK
-            new["start"][row], new["blocks"][row, :len(pages)] = start, pages
-            new["suffix"][row, :len(prompt) - start] = prompt[start:]
-        state = insert_cached(cfg, params, state, cache.pool, new)
-        positions = prefix + fed
-    taken = {page for pages in found for page in pages}  # an admission never evicts what it reads or writes
-    copies = []
-    for row_keys, pages, slot in zip(keys, found, slots):
-        cache.use(row_keys, len(pages))
-        copies += [(slot, i * BLOCK, page) for i, page in cache.claim(row_keys, len(pages), taken)]
-    if copies:
-        n = 1 << (len(copies) - 1).bit_length()  # a power of two: few shapes compile
-        copies += [(0, 0, cache.num_blocks)] * (n - len(copies))  # page N: dropped
-        slot_ids, starts, pages = (np.asarray(c, np.int32) for c in zip(*copies))
-        cache.pool = store_blocks(cache.pool, state["cache"], slot_ids, starts, pages)
-    return state, fed, positions
