@@ -3,7 +3,7 @@ prompt or a whole answers file), the chat, the server and aot_check all run it.
 
 A prompt is written into a free slot while other slots are mid-answer (`insert`), and one
 jitted step advances every slot by one token, each at its own position with its own settings
-(`decode_step`). The state (`init_slots`) holds, per slot b of B: the cache row ([L, B, KV, T,
+(`decode_step`). The state (`init_slots`) holds, per slot b of B: the cache row ([L, B, T, KV,
 D]), the token to feed next and its position, how many tokens it has emitted, the tokens it
 has emitted (for the repetition penalty), its logit bias, PRNG key and decoding settings.
 
@@ -37,7 +37,7 @@ from lima_jax.model.counting import prefill_flops
 from lima_jax.sampling.decoding import LIMA, RowSettings, SamplingSettings, next_tokens
 from lima_jax.sharding import constrain, logical_to_spec
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
 TOP_LOGPROBS = 20  # OpenAI's largest top_logprobs
 DEFAULT_SLOTS = 16  # serve.py's --slots, and so aot_check's decode step
 PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one prefill compilation per bucket
@@ -49,7 +49,7 @@ def cache_logical_axes() -> dict:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """An empty cache (segment 0 everywhere: nothing attendable), constrained to the cache axes."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)  # head-major, as the model
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)  # position-major: see model.kv_cache
     dtype = dtype or cfg.compute_dtype
     return constrain_cache({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                             "segment_ids": jnp.zeros((batch, length), jnp.int32)})
@@ -102,8 +102,8 @@ def prefill_rows(cfg: ModelConfig, params: dict, state: dict, new: dict, feed: j
     _, fresh = bind(cfg, params).hidden(feed, positions, in_prompt, cache=row_cache, cache_index=start)
     cache, filled = state["cache"], row_cache["segment_ids"].shape[1]
     segments = jnp.zeros((rows, cache["segment_ids"].shape[1]), jnp.int32).at[:, :filled].set(fresh["segment_ids"])
-    cache = {"k": cache["k"].at[:, slot, :, :filled].set(fresh["k"], mode="drop"),
-             "v": cache["v"].at[:, slot, :, :filled].set(fresh["v"], mode="drop"),
+    cache = {"k": cache["k"].at[:, slot, :filled].set(fresh["k"], mode="drop"),
+             "v": cache["v"].at[:, slot, :filled].set(fresh["v"], mode="drop"),
              "segment_ids": cache["segment_ids"].at[slot].set(segments, mode="drop")}
     seen = jnp.zeros((rows, state["seen"].shape[1]), bool).at[jnp.arange(rows)[:, None], tokens].max(
         (columns < length[:, None]) & new["penalize"][:, None])

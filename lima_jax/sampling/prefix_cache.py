@@ -5,7 +5,7 @@ that start with the same tokens, so their prefill feeds only the rest.
   into blocks of BLOCK tokens. A full block is keyed by a hash of its tokens chained with its
   prefix's key, so one key stands for the whole prefix up to the block's end: equal keys, equal
   keys and values (a token's K and V depend on it and the tokens before it only).
-- **The pool** on the devices: {"k", "v": [L, N, KV, BLOCK, D]}, the slots' cache layout cut
+- **The pool** on the devices: {"k", "v": [L, N, BLOCK, KV, D]}, the slots' cache layout cut
   into N pages of BLOCK positions. N is the memory budget (`--prefix_cache_mib`) over one
   block's bytes; the host index (`PrefixCache`) maps keys to pages, least recently used
   first out when the pool is full.
@@ -41,7 +41,7 @@ from lima_jax.sampling.decode import PROMPT_BUCKET, constrain_cache, insert, pre
 from lima_jax.sharding import constrain
 
 BLOCK = 16  # tokens a block: the reuse granularity (a prompt's last partial block is always fed)
-POOL_AXES = ("cache_layers", None, "cache_kv_heads", None, "cache_head_dim")
+POOL_AXES = ("cache_layers", None, None, "cache_kv_heads", "cache_head_dim")
 MiB = 1 << 20
 
 
@@ -52,18 +52,17 @@ def block_bytes(cfg: ModelConfig) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_pool(cfg: ModelConfig, num_blocks: int) -> dict:
-    shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, BLOCK, cfg.head_dim)
+    shape = (cfg.n_layers, num_blocks, BLOCK, cfg.n_kv_heads, cfg.head_dim)
     return {name: constrain(jnp.zeros(shape, cfg.compute_dtype), *POOL_AXES) for name in ("k", "v")}
 
 
 def gather_prefix(pool: dict, blocks: jax.Array, start: jax.Array, width: int) -> dict:
     """A row cache of `width` positions holding blocks [M, nb] of the pool at 0 .. nb * BLOCK - 1,
     attendable (segment 1) up to each row's `start` [M]; the rest is the fed tokens' room."""
-    def rows(pages):  # [L, N, KV, BLOCK, D] -> [L, M, KV, width, D]
-        got = pages[:, blocks]  # [L, M, nb, KV, BLOCK, D]
-        n_layers, m, nb, kv, block, d = got.shape
-        got = got.transpose(0, 1, 3, 2, 4, 5).reshape(n_layers, m, kv, nb * block, d)
-        return jnp.pad(got, ((0, 0), (0, 0), (0, 0), (0, width - nb * block), (0, 0)))
+    def rows(pages):  # [L, N, BLOCK, KV, D] -> [L, M, width, KV, D]
+        got = pages[:, blocks]  # [L, M, nb, BLOCK, KV, D]
+        n_layers, m, nb, block, kv, d = got.shape
+        return jnp.pad(got.reshape(n_layers, m, nb * block, kv, d), ((0, 0), (0, 0), (0, width - nb * block), (0, 0), (0, 0)))
 
     segments = (jnp.arange(width)[None, :] < start[:, None]).astype(jnp.int32)
     return constrain_cache({"k": rows(pool["k"]), "v": rows(pool["v"]), "segment_ids": segments})
@@ -84,9 +83,9 @@ def insert_cached(cfg: ModelConfig, params: dict, state: dict, pool: dict, new: 
 def store_blocks(pool: dict, cache: dict, slot: jax.Array, start: jax.Array, page: jax.Array) -> dict:
     """Copy BLOCK positions from start[n] of slot slot[n]'s cache into page page[n] of the pool
     (page N: a filler row, dropped)."""
-    def take(c):  # [L, B, KV, T, D] -> [L, n, KV, BLOCK, D]
+    def take(c):  # [L, B, T, KV, D] -> [L, n, BLOCK, KV, D]
         one = lambda s, t: jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(c, s, 1, keepdims=False),  # noqa: E731
-                                                        t, BLOCK, axis=2)
+                                                        t, BLOCK, axis=1)
         return jax.vmap(one, out_axes=1)(slot, start)
 
     return {name: constrain(pool[name].at[:, page].set(take(cache[name]), mode="drop"), *POOL_AXES)

@@ -16,12 +16,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
+import jax
 from jax.sharding import Mesh
 
 from lima_jax.data import chat_format
-from lima_jax.model import ModelConfig
+from lima_jax.model import ModelConfig, lora
 from lima_jax.sampling.decode import PROMPT_BUCKET, Decoder, Request
 from lima_jax.sampling.decoding import LIMA, SamplingSettings
+from lima_jax.sampling.prefix_cache import PrefixCache
 from lima_jax.sampling.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,6 @@ class Sampler:
         """The decode step's slots over this model (`length`: cache positions, the model's context
         by default; `prompt_width`: see Decoder), with a prefix cache of `prefix_cache_bytes`
         (0: none; lima_jax.sampling.prefix_cache)."""
-        from lima_jax.sampling.prefix_cache import PrefixCache
-
         cache = PrefixCache(self.cfg, prefix_cache_bytes) if prefix_cache_bytes else None
         return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width, cache)
 
@@ -186,8 +186,15 @@ def _answer_row(sampler: Sampler, record: tuple[int, list[str]], prompt: list[in
 def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None = None, mesh_overrides: dict | None = None
                  ) -> tuple[Sampler, object]:
     """(Sampler, effective ml-collections config) of a checkpoint step, checkpoint root or training
-    work dir: lima_jax.model_store.load_model (config, tokenizer, LoRA base and adapters merged)."""
+    work dir: lima_jax.model_store.load_model (config, tokenizer, LoRA base and adapters). A LoRA
+    checkpoint decodes as it trained: its frozen base (int8 stays int8) with the adapters
+    unmerged beside it (model.lora.attach), so the devices never hold a merged copy of the base."""
     from lima_jax.model_store import load_model
 
-    model = load_model(checkpoint_path, config=config, tokenizer_path=tokenizer_path, mesh_overrides=mesh_overrides)
-    return Sampler(model.model, model.params, model.tokenizer, model.mesh, model.meta.chat_format or "lima"), model.config
+    model = load_model(checkpoint_path, config=config, tokenizer_path=tokenizer_path, merge_lora=False,
+                       mesh_overrides=mesh_overrides)
+    params = model.params
+    if model.adapters is not None:
+        with jax.set_mesh(model.mesh):  # an adapted head is merged, on the head's devices
+            params = lora.attach(params, model.adapters, model.meta.lora.settings)
+    return Sampler(model.model, params, model.tokenizer, model.mesh, model.meta.chat_format or "lima"), model.config
