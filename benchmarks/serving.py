@@ -13,10 +13,10 @@ before it accepts requests). Writes benchmarks/results/serving.json.
 
   python benchmarks/serving.py --shared_prefix 500 --requests 16 --max_tokens 16
 
-The prefix cache: 16 clients at once quote one 500-token text before their own question,
-against a server without and with `--prefix_cache_mib` (one request primed the cache):
-time to first token, the prefills' model FLOPs (/health), and whether the answers are the
-same tokens. Writes benchmarks/results/serving_prefix.json.
+The prefix cache: 16 requests quote one 500-token text before their own question, one at a
+time and all at once, against a server without and with `--prefix_cache_mib` (one request
+primed the cache): time to first token, the prefills' model FLOPs (/health), and whether the
+answers are the same tokens. Writes benchmarks/results/serving_prefix.json.
 """
 
 import argparse
@@ -125,46 +125,54 @@ def shared_prefix(tokenizer, tokens: int, seed: int) -> str:
     return text
 
 
-def prefix_phase(client, url: str, prefix: str, requests: int, max_tokens: int, banned: dict) -> dict:
-    """One request primes the cache with `prefix`, then `requests` clients at once send it with
-    their own question: their time to first token, and the prefills' model FLOPs (/health)."""
+def prefix_phase(client, url: str, prefix: str, clients: int, requests: int, max_tokens: int, banned: dict,
+                 tag: str) -> dict:
+    """One request primes the cache with `prefix`, then `requests` requests (`clients` at a time)
+    send it with their own question: their time to first token, and the prefills' model FLOPs."""
     one_request(client, prefix + PROMPTS[0], max_tokens, banned)
     before = httpx.get(f"{url}/health").json()["prefix_cache"]
-    with concurrent.futures.ThreadPoolExecutor(requests) as pool:
-        results = list(pool.map(lambda i: one_request(client, f"{prefix}Question {i}: {PROMPTS[i % len(PROMPTS)]}",
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_request(client, f"{prefix}{tag} {i}: {PROMPTS[i % len(PROMPTS)]}",
                                                       max_tokens, banned), range(requests)))
     after = httpx.get(f"{url}/health").json()["prefix_cache"]
     ttfts = [r["ttft"] for r in results]
     return {"ttft_median_s": statistics.median(ttfts), "ttft_max_s": max(ttfts),
             "prefill_flops": after["prefill_flops"] - before["prefill_flops"],
-            "cache_hits_blocks": after["hits"] - before["hits"], "cache": after,
-            "answers": [r["pieces"] for r in results]}
+            "cache_hits_blocks": after["hits"] - before["hits"], "answers": [r["pieces"] for r in results]}
 
 
 def prefix_benchmark(args, tmp: pathlib.Path, cfg, tokenizer) -> dict:
-    """`--shared_prefix N`: `--requests` requests quoting one N-token document, the server without
-    and with a prefix cache (`--prefix_cache_mib`); each server first runs the scenario once on
-    another document, so every prefill shape has compiled."""
+    """`--shared_prefix N`: `--requests` requests quoting one N-token document, one at a time and
+    all at once, the server without and with a prefix cache (`--prefix_cache_mib`). Each
+    measured phase comes after two unmeasured ones on other documents, so that the prefill
+    shapes it needs have compiled."""
     banned = {str(tokenizer.eos_id): -100, str(tokenizer.eot_id): -100}
     out = {}
     for mib in (0, args.prefix_cache_mib):
         proc, url = start_server(tmp / "ckpt", args.slots, tmp / f"serve_{mib}.log", mib)
         try:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-            prefix_phase(client, url, shared_prefix(tokenizer, args.shared_prefix, 1), args.requests, 4, banned)
-            out[mib] = prefix_phase(client, url, shared_prefix(tokenizer, args.shared_prefix, 2), args.requests,
-                                    args.max_tokens, banned)
+            for clients in (1, args.requests):
+                for seed in (1, 2):
+                    prefix_phase(client, url, shared_prefix(tokenizer, args.shared_prefix, 10 * clients + seed),
+                                 clients, args.requests, args.max_tokens, banned, f"Warm-up {seed} question")
+                out[mib, clients] = prefix_phase(client, url, shared_prefix(tokenizer, args.shared_prefix, clients),
+                                                 clients, args.requests, args.max_tokens, banned, "Question")
+            out[mib, "health"] = httpx.get(f"{url}/health").json()["prefix_cache"]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    off, on = out[0], out[args.prefix_cache_mib]
-    return {"shared_prefix_tokens": len(tokenizer.encode(shared_prefix(tokenizer, args.shared_prefix, 2))),
-            "requests": args.requests, "max_tokens": args.max_tokens, "prefix_cache_mib": args.prefix_cache_mib,
-            "without_cache": {k: v for k, v in off.items() if k != "answers"},
-            "with_cache": {k: v for k, v in on.items() if k != "answers"},
-            "ttft_speedup": off["ttft_median_s"] / on["ttft_median_s"],
-            "prefill_flops_ratio": on["prefill_flops"] / off["prefill_flops"],
-            "answers_identical": off["answers"] == on["answers"]}
+    result = {"shared_prefix_tokens": len(tokenizer.encode(shared_prefix(tokenizer, args.shared_prefix, 1))),
+              "requests": args.requests, "max_tokens": args.max_tokens, "prefix_cache_mib": args.prefix_cache_mib,
+              "cache_at_the_end": out[args.prefix_cache_mib, "health"]}
+    for clients, name in ((1, "one_at_a_time"), (args.requests, "all_at_once")):
+        off, on = out[0, clients], out[args.prefix_cache_mib, clients]
+        result[name] = {"without_cache": {k: v for k, v in off.items() if k != "answers"},
+                        "with_cache": {k: v for k, v in on.items() if k != "answers"},
+                        "ttft_speedup": off["ttft_median_s"] / on["ttft_median_s"],
+                        "prefill_flops_ratio": on["prefill_flops"] / off["prefill_flops"],
+                        "answers_identical": off["answers"] == on["answers"]}
+    return result
 
 
 def main():
