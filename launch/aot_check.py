@@ -23,7 +23,9 @@ from lima_jax import cli
 config_flags.DEFINE_config_file("config", None, "ml-collections config file.", lock_config=True)
 flags.DEFINE_string("topology", None, "Slice name: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips).")
 flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
+flags.DEFINE_bool("train", True, "Compile the train step.")
 flags.DEFINE_bool("decode", True, "Also compile the decode step serve.py and sample.py run.")
+flags.DEFINE_integer("slots", None, "Slots of the decode step (serve.py's --slots; default its default).")
 flags.DEFINE_string("json", None, "Also write the report(s) as JSON here.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
@@ -33,11 +35,12 @@ def main(argv):
     del argv
     from lima_jax.aot import check_decode_step, check_train_step, format_report
 
-    checks = [("train", check_train_step)] + ([("decode", check_decode_step)] if FLAGS.decode else [])
+    checks = [("train", check_train_step)] * FLAGS.train + [("decode", check_decode_step)] * FLAGS.decode
     reports, fits = [], True
     for name, check in checks:
         try:
-            report = check(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
+            extra = {"num_slots": FLAGS.slots} if name == "decode" else {}
+            report = check(FLAGS.config, FLAGS.topology, FLAGS.num_slices, **extra)
         except Exception as e:  # the compiler's RESOURCE_EXHAUSTED is the answer, not a crash
             if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
                 raise

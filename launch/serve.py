@@ -33,6 +33,8 @@ flags.DEFINE_string("checkpoint", None, "checkpoint step, checkpoint root or tra
 flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
 flags.DEFINE_integer("port", 8000, "port to listen on")
 flags.DEFINE_integer("slots", 16, "requests decoded together (rounded up to the mesh's batch shards)")
+flags.DEFINE_integer("prefix_cache_mib", 0, "device memory (MiB) for the prefix cache: prompts that start with "
+                     "already prefilled tokens reuse their keys and values (0: off; use in /health)")
 flags.DEFINE_string("model_name", None, "the model id clients see (default: from the checkpoint path)")
 flags.DEFINE_string("tokenizer", None, "tokenizer.model, tokenizer.json or a folder (default: the checkpoint's)")
 flags.DEFINE_string("api_key_env", None, "name of an environment variable holding the API key clients must send "
@@ -64,7 +66,8 @@ def main(argv):
 
     from lima_jax.serving.server import build_engine, model_name_from_path, serve
 
-    engine = build_engine(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.slots)
+    engine = build_engine(FLAGS.checkpoint, FLAGS.config, FLAGS.tokenizer, FLAGS.slots,
+                          prefix_cache_mib=FLAGS.prefix_cache_mib)
     serve(engine, FLAGS.model_name or model_name_from_path(FLAGS.checkpoint), FLAGS.host, FLAGS.port, api_key,
           int(FLAGS.max_body_mb * 2**20))
 

@@ -108,16 +108,29 @@ def check_train_step(config, topology: str, num_slices: int = 1) -> dict:
 def check_decode_step(config, topology: str, num_slices: int = 1, num_slots: int | None = None) -> dict:
     """Compile the decode step serve.py runs (sampling.decode.decode_step: one token for each of
     `num_slots` slots, default serve.py's, rounded up to the batch shards, over a cache of the
-    model's whole context), with LIMA's decoding."""
+    model's whole context), with LIMA's decoding. A LoRA config decodes as load_sampler does:
+    the frozen base as training holds it (`lora.base_dtype`, int8 included) with the adapters
+    beside it, unmerged."""
+    from lima_jax.model import lora as lora_lib
     from lima_jax.sampling.decode import DEFAULT_SLOTS, batch_multiple, cache_logical_axes, decode_step, init_slots
 
     chip, devices, model_cfg, mesh = target(config, topology, num_slices)
     group = batch_multiple(mesh)
     slots = math.ceil((num_slots or DEFAULT_SLOTS) / group) * group
     length = model_cfg.max_seq_len
-    shardings = named_shardings(param_logical_axes(model_cfg), mesh)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params(model_cfg), shardings)
+    on_mesh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    lora = config_lib.lora_config(config)
+    if lora is None:
+        params = jax.tree.map(on_mesh, abstract_params(model_cfg), named_shardings(param_logical_axes(model_cfg), mesh))
+        weights = lambda params: params  # noqa: E731
+    else:
+        base = jax.tree.map(on_mesh, lora_lib.abstract_base(model_cfg, lora),
+                            named_shardings(lora_lib.base_logical_axes(model_cfg, lora), mesh))
+        adapters = jax.tree.map(on_mesh, lora_lib.abstract_adapters(model_cfg, lora),
+                                lora_lib.adapter_shardings(model_cfg, lora, mesh))
+        params, weights = (base, adapters), lambda params: lora_lib.attach(*params, lora)  # an adapted head: merged
+    step = jax.jit(lambda params, state, active: decode_step(model_cfg, weights(params), state, active),
+                   donate_argnums=1)
     replicated = NamedSharding(mesh, logical_to_spec(()))
     cache = named_shardings(cache_logical_axes(), mesh)
     state = jax.eval_shape(init_slots, model_cfg, slots, length)
@@ -125,7 +138,7 @@ def check_decode_step(config, topology: str, num_slices: int = 1, num_slots: int
     state["cache"] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state["cache"], cache)
     active = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=replicated)
     with jax.set_mesh(mesh):
-        compiled = decode_step.lower(model_cfg, params, state, active).compile()
+        compiled = step.lower(params, state, active).compile()
     return dict(report(compiled, chip, devices), step="decode", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=slots, seq_len=length, remat_policy="-", attention="xla",
                 model_flops_per_step=flops_per_token(model_cfg, 0) / 3 * slots)  # forward (2N) for one token a slot

@@ -34,3 +34,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, lora=None) -> float:
     trained = sum(math.prod(a) + math.prod(b) for a, b in adapter_shapes(cfg, lora).values())
     trained += head if HEAD in lora.targets else 0
     return 4.0 * (matmul_params - (head if HEAD in lora.targets else 0)) + 6.0 * trained + attention
+
+
+def prefill_flops(cfg: ModelConfig, rows: int, fed: int, keys: int) -> float:
+    """Model FLOPs of one prefill (a forward pass without the output head): `rows` rows of `fed`
+    tokens, each attending over `keys` cache positions (scores and values, masked ones included)."""
+    head = 0 if cfg.tied_embeddings else cfg.vocab_size * cfg.dim
+    layers = param_count(cfg) - cfg.vocab_size * cfg.dim - head  # the embedding is a lookup, the head unused
+    return rows * fed * (2.0 * layers + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys)

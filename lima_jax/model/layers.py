@@ -89,9 +89,9 @@ class Attention(nnx.Module):
 
     Queries, keys and values are projected as flat matmuls (see `dense`) and then laid out
     head-major, [B, heads, S, head_dim], by one explicit transpose each: the attention einsums
-    then need no transposes, and the KV cache is stored in the same layout, so a decode step
-    reads it in place. RoPE is applied before that transpose, while each head's pairs are
-    contiguous in the projection's output."""
+    then need no transposes (the KV cache is position-major: see lima_jax.model.kv_cache).
+    RoPE is applied before that transpose, while each head's pairs are contiguous in the
+    projection's output."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg

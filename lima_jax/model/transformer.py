@@ -92,7 +92,7 @@ class Llama(nnx.Module):
         tokens, positions, segment_ids: [B, S] int32. Packed rows restart `positions` at 0 for
         each example and give each example its own segment id; id 0 marks padding. Tokens
         attend causally within their own segment only.
-        cache: None for training, else {"k", "v": [L, B, KV, T, D], "segment_ids": [B, T]}
+        cache: None for training, else {"k", "v": [L, B, T, KV, D], "segment_ids": [B, T]}
         with the S new tokens written at slot `cache_index` [B] of each row (see kv_cache).
         dropout_key: None for eval (no dropout).
         """

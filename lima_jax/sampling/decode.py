@@ -3,7 +3,7 @@ prompt or a whole answers file), the chat, the server and aot_check all run it.
 
 A prompt is written into a free slot while other slots are mid-answer (`insert`), and one
 jitted step advances every slot by one token, each at its own position with its own settings
-(`decode_step`). The state (`init_slots`) holds, per slot b of B: the cache row ([L, B, KV, T,
+(`decode_step`). The state (`init_slots`) holds, per slot b of B: the cache row ([L, B, T, KV,
 D]), the token to feed next and its position, how many tokens it has emitted, the tokens it
 has emitted (for the repetition penalty), its logit bias, PRNG key and decoding settings.
 
@@ -33,10 +33,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lima_jax.model import ModelConfig, bind
+from lima_jax.model.counting import prefill_flops
 from lima_jax.sampling.decoding import LIMA, RowSettings, SamplingSettings, next_tokens
 from lima_jax.sharding import constrain, logical_to_spec
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
 TOP_LOGPROBS = 20  # OpenAI's largest top_logprobs
 DEFAULT_SLOTS = 16  # serve.py's --slots, and so aot_check's decode step
 PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one prefill compilation per bucket
@@ -48,7 +49,7 @@ def cache_logical_axes() -> dict:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """An empty cache (segment 0 everywhere: nothing attendable), constrained to the cache axes."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)  # head-major, as the model
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)  # position-major: see model.kv_cache
     dtype = dtype or cfg.compute_dtype
     return constrain_cache({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                             "segment_ids": jnp.zeros((batch, length), jnp.int32)})
@@ -82,17 +83,27 @@ def insert(cfg: ModelConfig, params: dict, state: dict, new: dict) -> dict:
     new: "slot" [M] int32 (B for a filler row), "tokens" [M, W] right-padded prompts (W <= T),
     "length" [M] prompt lengths (1 <= P <= W), "key" [M, ...] uint32 (request_key), "bias" [M, V]
     float32, "penalize" [M] bool (prompt tokens count as seen), "settings" a RowSettings of [M]."""
+    rows, width = new["tokens"].shape
+    return prefill_rows(cfg, params, state, new, new["tokens"], jnp.zeros(rows, jnp.int32),
+                        init_cache(cfg, rows, width))
+
+
+def prefill_rows(cfg: ModelConfig, params: dict, state: dict, new: dict, feed: jax.Array, start: jax.Array,
+                 row_cache: dict) -> dict:
+    """`insert`'s body, feeding each row's prompt from `start` [M] on: `feed` [M, S] holds its
+    tokens start .. start + S - 1, and `row_cache` (width C >= start + S, C <= T) already holds
+    its first `start` tokens' keys and values (segment 1; a prefix cache's blocks), which the
+    fed tokens attend to. With start 0 and an empty row cache it is a whole prompt's prefill."""
     slot, tokens, length = new["slot"], new["tokens"], new["length"]
     rows, width = tokens.shape
     columns = jnp.arange(width)[None, :]
-    in_prompt = (columns < (length - 1)[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
-    _, fresh = bind(cfg, params).hidden(tokens, positions, in_prompt, cache=init_cache(cfg, rows, width),
-                                        cache_index=jnp.zeros(rows, jnp.int32))
-    cache = state["cache"]
-    segments = jnp.zeros((rows, cache["segment_ids"].shape[1]), jnp.int32).at[:, :width].set(in_prompt)
-    cache = {"k": cache["k"].at[:, slot, :, :width].set(fresh["k"], mode="drop"),
-             "v": cache["v"].at[:, slot, :, :width].set(fresh["v"], mode="drop"),
+    positions = start[:, None] + jnp.arange(feed.shape[1])[None, :]
+    in_prompt = (positions < (length - 1)[:, None]).astype(jnp.int32)
+    _, fresh = bind(cfg, params).hidden(feed, positions, in_prompt, cache=row_cache, cache_index=start)
+    cache, filled = state["cache"], row_cache["segment_ids"].shape[1]
+    segments = jnp.zeros((rows, cache["segment_ids"].shape[1]), jnp.int32).at[:, :filled].set(fresh["segment_ids"])
+    cache = {"k": cache["k"].at[:, slot, :filled].set(fresh["k"], mode="drop"),
+             "v": cache["v"].at[:, slot, :filled].set(fresh["v"], mode="drop"),
              "segment_ids": cache["segment_ids"].at[slot].set(segments, mode="drop")}
     seen = jnp.zeros((rows, state["seen"].shape[1]), bool).at[jnp.arange(rows)[:, None], tokens].max(
         (columns < length[:, None]) & new["penalize"][:, None])
@@ -197,21 +208,28 @@ class Decoder:
     not known ahead)."""
 
     def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None, stop_ids, slots: int = DEFAULT_SLOTS,
-                 length: int | None = None, prompt_width: int | None = None):
+                 length: int | None = None, prompt_width: int | None = None, prefix_cache=None):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.group = batch_multiple(mesh)  # rows a prefill takes
         self.num_slots = math.ceil(slots / self.group) * self.group
         self.length = length or cfg.max_seq_len
         self.prompt_width = prompt_width
+        if prefix_cache is not None and prompt_width is not None:
+            raise ValueError("a prefix cache feeds prompts of varying widths: give no prompt_width")
+        self.prefix_cache = prefix_cache  # a prefix_cache.PrefixCache, or None
+        self.prefill_stats = {"prefills": 0, "tokens_fed": 0, "flops": 0.0}  # padding and filler rows included
         self.reset()
 
     def reset(self) -> None:
-        """Every slot free, an empty cache."""
+        """Every slot free, an empty cache (and prefix cache)."""
         self.slots: list[tuple[object, Request] | None] = [None] * self.num_slots
         self.emitted = [0] * self.num_slots
         with self.on_mesh():
             self.state = init_slots(self.cfg, self.num_slots, self.length)
+            if self.prefix_cache is not None:
+                self.prefix_cache.reset()
+                self.prefix_cache.allocate()
 
     def on_mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -243,7 +261,7 @@ class Decoder:
                 rows = self.prefill_rows(len(requests))
                 batch, requests = requests[:rows], requests[rows:]
                 slots, free = free[:len(batch)], free[len(batch):]
-                self.state = insert(self.cfg, self.params, self.state, self._insert_rows(batch, slots, rows))
+                self._prefill(batch, slots, rows)
                 for item, index in zip(batch, slots):
                     self.slots[index], self.emitted[index] = item, 0
 
@@ -264,6 +282,22 @@ class Decoder:
                 if rows >= self.num_slots:
                     return
                 rows = self.prefill_rows(rows + 1)
+
+    def _prefill(self, batch: list[tuple[object, Request]], slots: list[int], rows: int) -> None:
+        new = self._insert_rows(batch, slots, rows)
+        if self.prefix_cache is None:
+            self.state = insert(self.cfg, self.params, self.state, new)
+            self._count_prefill(*new["tokens"].shape, new["tokens"].shape[1])
+        else:
+            self.state, fed, keys = self.prefix_cache.prefill(self.cfg, self.params, self.state, new,
+                                                              [r.prompt for _, r in batch], slots, self.length)
+            self._count_prefill(rows, fed, keys)
+
+    def _count_prefill(self, rows: int, fed: int, keys: int) -> None:
+        stats = self.prefill_stats
+        stats["prefills"] += 1
+        stats["tokens_fed"] += rows * fed
+        stats["flops"] += prefill_flops(self.cfg, rows, fed, keys)
 
     def _insert_rows(self, batch: list[tuple[object, Request]], slots: list[int], rows: int) -> dict:
         vocab = self.cfg.padded_vocab_size

@@ -16,12 +16,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
+import jax
 from jax.sharding import Mesh
 
 from lima_jax.data import chat_format
-from lima_jax.model import ModelConfig
+from lima_jax.model import ModelConfig, lora
 from lima_jax.sampling.decode import PROMPT_BUCKET, Decoder, Request
 from lima_jax.sampling.decoding import LIMA, SamplingSettings
+from lima_jax.sampling.prefix_cache import PrefixCache
 from lima_jax.sampling.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,13 @@ class Sampler:
                              "it with --format raw, or convert it with --add_eot (and fine-tune it) first")
         return chat_format.prompt_ids(turns, self.tokenizer, fmt, system)
 
-    def decoder(self, slots: int, length: int | None = None, prompt_width: int | None = None) -> Decoder:
+    def decoder(self, slots: int, length: int | None = None, prompt_width: int | None = None,
+                prefix_cache_bytes: int = 0) -> Decoder:
         """The decode step's slots over this model (`length`: cache positions, the model's context
-        by default; `prompt_width`: see Decoder)."""
-        return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width)
+        by default; `prompt_width`: see Decoder), with a prefix cache of `prefix_cache_bytes`
+        (0: none; lima_jax.sampling.prefix_cache)."""
+        cache = PrefixCache(self.cfg, prefix_cache_bytes) if prefix_cache_bytes else None
+        return Decoder(self.cfg, self.params, self.mesh, self.stop_ids, slots, length, prompt_width, cache)
 
     def decode(self, requests: Sequence[Request], slots: int = SLOTS,
                on_token: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, dict]]:
@@ -185,9 +190,16 @@ def _answer_row(sampler: Sampler, record: tuple[int, list[str]], prompt: list[in
 def load_sampler(checkpoint_path: str, config=None, tokenizer_path: str | None = None, mesh_overrides: dict | None = None
                  ) -> tuple[Sampler, object]:
     """(Sampler, effective ml-collections config) of a checkpoint step, checkpoint root or training
-    work dir: lima_jax.model_store.load_model (config, tokenizer, LoRA base and adapters merged)."""
+    work dir: lima_jax.model_store.load_model (config, tokenizer, LoRA base and adapters). A LoRA
+    checkpoint decodes as it trained: its frozen base (int8 stays int8) with the adapters
+    unmerged beside it (model.lora.attach), so the devices never hold a merged copy of the base."""
     from lima_jax.model_store import load_model
 
-    model = load_model(checkpoint_path, config=config, tokenizer_path=tokenizer_path, mesh_overrides=mesh_overrides)
-    return Sampler(model.model, model.params, model.tokenizer, model.mesh, model.meta.chat_format or "lima",
+    model = load_model(checkpoint_path, config=config, tokenizer_path=tokenizer_path, merge_lora=False,
+                       mesh_overrides=mesh_overrides)
+    params = model.params
+    if model.adapters is not None:
+        with jax.set_mesh(model.mesh):  # an adapted head is merged, on the head's devices
+            params = lora.attach(params, model.adapters, model.meta.lora.settings)
+    return Sampler(model.model, params, model.tokenizer, model.mesh, model.meta.chat_format or "lima",
                    tuple(model.meta.source.get("generation_eos_ids") or ())), model.config

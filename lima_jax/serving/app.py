@@ -82,7 +82,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "slots": engine.num_slots, "active": engine.active,
-                "peak_active": engine.peak_active, "steps": engine.steps}
+                "peak_active": engine.peak_active, "steps": engine.steps, "prefix_cache": engine.prefix_cache_stats()}
 
     @app.get("/metrics")
     async def prometheus():

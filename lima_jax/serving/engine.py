@@ -65,9 +65,11 @@ Callback = Callable[[PromptScores | Token | Finished], None]
 class Engine:
     """`submit` a Request with a callback; it receives Token events, then one Finished."""
 
-    def __init__(self, sampler: Sampler, slots: int = DEFAULT_SLOTS, feed: LocalFeed | None = None):
+    def __init__(self, sampler: Sampler, slots: int = DEFAULT_SLOTS, feed: LocalFeed | None = None,
+                 prefix_cache_bytes: int = 0):
         self.sampler, self.cfg = sampler, sampler.cfg
-        self.decoder = sampler.decoder(slots)  # over the model's whole context
+        # over the model's whole context; prompts that start alike share prefilled blocks (0: off)
+        self.decoder = sampler.decoder(slots, prefix_cache_bytes=prefix_cache_bytes)
         self.num_slots = self.decoder.num_slots
         self.feed = feed or LocalFeed()
         self._callbacks: dict[int, Callback] = {}
@@ -111,6 +113,14 @@ class Engine:
     def waiting(self) -> int:
         """Requests queued for a free slot."""
         return len(self._pending)
+
+    def prefix_cache_stats(self) -> dict:
+        """The prefix cache's use: hits and misses (in blocks of `block_tokens` tokens), blocks
+        and bytes used, the budget (0: no cache); and the prefills' model FLOPs so far."""
+        cache = self.decoder.prefix_cache
+        stats = cache.stats() if cache is not None else {"hits": 0, "misses": 0, "blocks_used": 0, "bytes_used": 0,
+                                                         "budget_bytes": 0, "block_tokens": 0}
+        return dict(stats, prefill_flops=self.decoder.prefill_stats["flops"])
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self.run, name="lima-engine", daemon=True)

@@ -29,13 +29,14 @@ def model_name_from_path(checkpoint_path: str) -> str:
 
 
 def build_engine(checkpoint_path: str, config=None, tokenizer_path: str | None = None, slots: int = DEFAULT_SLOTS,
-                 mesh_overrides: dict | None = None) -> Engine:
-    """The checkpoint on its mesh, behind an engine of `slots` slots (not started)."""
+                 mesh_overrides: dict | None = None, prefix_cache_mib: int = 0) -> Engine:
+    """The checkpoint on its mesh, behind an engine of `slots` slots (not started) with a prefix
+    cache of `prefix_cache_mib` MiB of device memory (0: none)."""
     from lima_jax.sampling.sampler import load_sampler
 
     sampler, _ = load_sampler(checkpoint_path, config, tokenizer_path, mesh_overrides)
     feed = BroadcastFeed() if jax.process_count() > 1 else LocalFeed()
-    return Engine(sampler, slots, feed)
+    return Engine(sampler, slots, feed, prefix_cache_mib << 20)
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
