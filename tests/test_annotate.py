@@ -21,7 +21,8 @@ from lima_jax.errors import ConfigError
 from lima_jax.evaluation.agreement import agreement, pair_agreement
 from lima_jax.evaluation.human import Annotation
 from tests.conftest import ROOT
-from tests.test_judge import free_port, write_jsonl
+from tests.serving_fixtures import free_port
+from tests.test_judge import write_jsonl
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 

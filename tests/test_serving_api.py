@@ -276,12 +276,13 @@ def wait_idle(http, steps_before: int, timeout: float = 60) -> dict:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_clients_that_give_up_free_their_slots(server, http, stream):
-    """Every slot taken by a client asking for 120 tokens that leaves after 0.3 s (or after the
-    first chunks): the slots are free again long before 120 steps, and the next client is served."""
+    """Every slot taken by a client asking for 600 tokens that leaves after 0.3 s (or after the
+    first chunks): the slots are free again long before 600 steps (0.3 s is 60-100 steps of this
+    model on a CPU, so the bound leaves room for a slow machine), and the next client is served."""
     before = http.get("/health").json()["steps"]
 
     def give_up(_):
-        body = {"prompt": "Tell me a long story", "max_tokens": 120, "logit_bias": NO_END, "stream": stream}
+        body = {"prompt": "Tell me a long story", "max_tokens": 600, "logit_bias": NO_END, "stream": stream}
         with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3) as c:
             try:
                 with c.stream("POST", "/v1/completions", json=body) as response:
@@ -297,7 +298,7 @@ def test_clients_that_give_up_free_their_slots(server, http, stream):
     for t in threads:
         t.join()
     health = wait_idle(http, before)
-    assert health["active"] == 0 and health["steps"] - before < 80, health
+    assert health["active"] == 0 and health["steps"] - before < 200, health
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
