@@ -19,9 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -35,6 +33,7 @@ from lima_jax.data.tokenizer import load_tokenizer
 from lima_jax.model import ModelConfig
 from lima_jax.model.layers import INIT_STD
 from tests.conftest import ROOT, cpu_env
+from tests.serving_fixtures import serve_py
 from tests.test_export_chat import TRAIN
 from tests.tiny_run import finish, launch, losses
 from tests.train_fixtures import fit_to_answers
@@ -143,47 +142,13 @@ def test_sample_serve_chat_and_generate_give_one_answer_ending_at_eot_id(pipelin
                   "1.0", "--max_new_tokens", str(MAX_NEW), stdin=typed).stdout
     assert [line.split("lima> ", 1)[1] for line in out.splitlines() if "lima> " in line] == [first, answer]
 
-    with served(workdir, hf_dir.parent / "serve.log") as url:
+    with serve_py(str(workdir), hf_dir.parent / "serve.log", "--slots", "1", env=cpu_env(1, fast_compile=True)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model="m", messages=messages(SYSTEM, conv.turns[:3]), temperature=0,
                                                max_tokens=MAX_NEW,
                                                extra_body={"repetition_penalty": 1.0})
     assert reply.choices[0].message.content == answer and reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens == len(ids) - 1  # <|eot_id|> ended it, uncounted
-
-
-class served:
-    """launch/serve.py on `ckpt` at a free port while the `with` block runs."""
-
-    def __init__(self, ckpt, log_path):
-        self.ckpt, self.log = ckpt, open(log_path, "w")
-
-    def __enter__(self) -> str:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "serve.py"), "--checkpoint", str(self.ckpt),
-                                      "--port", str(port), "--slots", "1"], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=cpu_env(1, fast_compile=True))
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
-        while not self._healthy(url):
-            assert self.proc.poll() is None and time.time() < deadline, open(self.log.name).read()[-3000:]
-            time.sleep(0.5)
-        return url
-
-    @staticmethod
-    def _healthy(url) -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        self.log.close()
 
 
 def test_converted_llama3_1_samples_as_transformers_generate(shared_dir, tmp_path):
