@@ -13,7 +13,7 @@ lima_jax/evaluation/prompts/*.txt (or --prompt_file).
 
 `agreement` asks no model: it reports the paper's tie-discounted agreement between the
 annotators of launch/annotate.py (HUMAN/human.jsonl) and between them and a pairwise judge run
-on the same files (JUDGE/verdicts.jsonl), into HUMAN/agreement.json (or --out).
+on the same files (JUDGE/verdicts.jsonl), into HUMAN/summary.json (or OUT/summary.json).
 """
 
 import logging
@@ -35,7 +35,7 @@ flags.DEFINE_string("judge", None, "agreement: a `pairwise` run's --out folder (
 flags.DEFINE_string("judge_url", None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
 flags.DEFINE_string("judge_model", None, "the judge model's name at that endpoint")
 flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "environment variable holding the API key (unset: a dummy key)")
-flags.DEFINE_string("out", None, "output folder (summary.json, verdicts.jsonl, chart.png; agreement: agreement.json)")
+flags.DEFINE_string("out", None, "output folder (summary.json, verdicts.jsonl, chart.png; agreement too)")
 flags.DEFINE_string("cache", None, "reply cache, a local jsonl file (default: OUT/judge_cache.jsonl)")
 flags.DEFINE_string("prompt_file", None, "judge prompt to use instead of the shipped one")
 flags.DEFINE_string("name", None, "label of --answers in the table and chart (default: its file name)")

@@ -51,7 +51,7 @@ def print_plan(run) -> None:
     plan = run.plan
     loop.log(f"plan_only: steps={plan.total_steps} examples_per_step={plan.examples_per_step} "
              f"row_shapes={'/'.join(map(str, plan.shapes))}x{plan.seq_len} rows_per_step={plan.rows_per_step} "
-             f"real_token_share={100 * plan.efficiency:.2f}%")
+             f"real_token_share={100 * plan.efficiency:.1f}%")
 
 
 if __name__ == "__main__":

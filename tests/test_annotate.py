@@ -237,7 +237,7 @@ def test_two_annotators_restart_and_agreement(browser, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "launch" / "judge.py"), "agreement", "--human", str(out),
                            "--judge", str(judged)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "agreement.json").read_text())
+    result = json.loads((out / "summary.json").read_text())
     figures = {"ann-bob": result["between_annotators"]["pooled"]["accuracy"],
                **{f"judge-{p['annotator']}": p["accuracy"] for p in result["judge_and_humans"]["annotators"]},
                "judge-pooled": result["judge_and_humans"]["pooled"]["accuracy"]}

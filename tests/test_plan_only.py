@@ -39,7 +39,7 @@ def test_plan_only_prints_the_demo_plan_and_stops(tmp_path):
     assert shapes.split("/")[-1] == rows
     real = sum(len(e["ids"]) - 1 for e in examples) * config.train.epochs  # inputs: ids[:-1]
     if "/" not in shapes:  # one step shape: every step's slots are rows x seq
-        assert float(share) == pytest.approx(100 * real / (int(steps) * int(rows) * int(seq)), abs=0.006)
+        assert float(share) == pytest.approx(100 * real / (int(steps) * int(rows) * int(seq)), abs=0.051)  # NN.N%
     assert "% real tokens" in out and "batch:" in out  # the loop's own plan lines too
     assert "resuming" not in out and "initial weights" not in out and "step/s" not in out
     assert not any((tmp_path / "checkpoints").glob("[0-9]*"))

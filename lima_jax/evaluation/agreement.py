@@ -20,7 +20,7 @@ from lima_jax.evaluation import report
 from lima_jax.evaluation.human import SESSION, read_human, verdict_table
 
 FLIPPED = {"win": "loss", "tie": "tie", "loss": "win"}
-AGREEMENT = "agreement.json"
+AGREEMENT = "summary.json"  # as every judge.py command writes (DESIGN.md)
 
 
 def tie_discounted(a: str, b: str) -> float:
@@ -117,7 +117,7 @@ def agreement_table(result: dict) -> str:
 
 
 def run_agreement(human_dir: str, judge_dir: str | None, out: str | None = None) -> dict:
-    """Compute, write OUT/agreement.json (default: into the human folder), print-ready table."""
+    """Compute, write OUT/summary.json (default: into the human folder), print-ready table."""
     result = agreement(human_dir, judge_dir)
     folder = report.out_dir(out or human_dir)
     (folder / AGREEMENT).write_text(json.dumps(result, indent=2) + "\n")
