@@ -132,12 +132,13 @@ def check_decode_step(config, topology: str, num_slices: int = 1, num_slots: int
     step = jax.jit(lambda params, state, active: decode_step(model_cfg, weights(params), state, active),
                    donate_argnums=1)
     replicated = NamedSharding(mesh, logical_to_spec(()))
-    cache = named_shardings(cache_logical_axes(), mesh)
-    state = jax.eval_shape(init_slots, model_cfg, slots, length)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
-    state["cache"] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state["cache"], cache)
     active = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=replicated)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):  # the cache's layout is the target's (model.kv_cache.Layout), not this host's
+        cache = named_shardings(cache_logical_axes(model_cfg), mesh)
+        state = jax.eval_shape(init_slots, model_cfg, slots, length)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+        state["cache"] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      state["cache"], cache)
         compiled = step.lower(params, state, active).compile()
     return dict(report(compiled, chip, devices), step="decode", topology=topology, num_slices=num_slices,
                 mesh=dict(mesh.shape), rows=slots, seq_len=length, remat_policy="-", attention="xla",

@@ -22,6 +22,7 @@ from lima_jax import hostmem
 class Tuning:
     transposed_wgrad: bool  # weight gradients read a transposed copy of their input (model/dense.py)
     causal_blocks: int  # training's causal xla attention cuts the queries into this many blocks; 1 = none
+    kv_position_major: bool  # the KV cache is [L, B, T, KV, D], else head-major [L, B, KV, T, D] (model/kv_cache.py)
     compiler_options: tuple[tuple[str, str], ...] = ()  # XLA options of the train step, as (name, value)
 
 
@@ -32,6 +33,8 @@ TUNINGS = {
         transposed_wgrad=True,
         # Skips 3/8 of the score work (all masked); bench-110m step 12% faster than with 8 blocks, 3% than 2.
         causal_blocks=4,
+        # Attention reads a head-major layer in place; position-major, decode at batch 4 over 1,024 positions 1.5x slower.
+        kv_position_major=False,
         # Orders the backward pass so activations die early: bench-110m temporaries 5.68 -> 4.09 GiB.
         compiler_options=(("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),),
     ),
@@ -40,12 +43,16 @@ TUNINGS = {
         transposed_wgrad=False,
         # Every H200 figure has them (8 -> 4 came with a 10% faster xla-attention step); none-vs-4 not measured.
         causal_blocks=4,
+        # TPU's layout, kept since it became the only one; head-major not measured on a GPU.
+        kv_position_major=True,
     ),
     "tpu": Tuning(
         # The MXU takes any operand order at full speed; the copy would only add memory traffic.
         transposed_wgrad=False,
         # Exact, 3/8 of the score work skipped in 512-row blocks at S = 2048; the 65B fit was compiled with them.
         causal_blocks=4,
+        # The decode loop's own layout; head-major was copied whole in and out each step (65B v5p-8: 20.6 GiB temps).
+        kv_position_major=True,
     ),
 }
 ALIASES = {"cuda": "gpu", "rocm": "gpu"}

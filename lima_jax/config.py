@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         # None: the backend's choice (lima_jax/backend.py); True/False/a number override it.
         transposed_wgrad=ml_collections.config_dict.placeholder(bool),
         causal_blocks=ml_collections.config_dict.placeholder(int),
+        kv_position_major=ml_collections.config_dict.placeholder(bool),
         # Family switches (lima_jax/model/config.py), off for LLaMA; head_dim None: dim / n_heads. The
         # RoPE scaling is taken from config.init_checkpoint when it has one (adopt_checkpoint_rope).
         **{**ModelConfig.family_defaults(), "head_dim": ml_collections.config_dict.placeholder(int)},
@@ -145,7 +146,8 @@ def validate_values(c: ml_collections.ConfigDict) -> None:
 RUN_DEFINING = ("seed", "model", "data.train", "data.dev", "data.sources", "data.dev_size", "data.seq_len",
                 "data.examples_per_step", "data.grouping", "train.epochs", "optimizer", "lora")
 _FAMILY_DEFAULTS = ModelConfig.family_defaults()
-_MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks")
+_MODEL_SPEED_KEYS = ("remat_policy", "scan_layers", "attention", "logits_chunks", "transposed_wgrad", "causal_blocks",
+                     "kv_position_major")
 
 
 def run_identity(c: ml_collections.ConfigDict, train_digest: str, dev_digest: str) -> dict:

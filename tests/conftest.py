@@ -78,3 +78,10 @@ def stop_launched_runs():
             proc.kill()
             proc.wait()
     tiny_run.LAUNCHED.clear()
+
+
+@pytest.fixture(params=[False, True], ids=["head-major", "position-major"])
+def kv_position_major(request):
+    """Both KV cache layouts (lima_jax.model.kv_cache.Layout), whichever this backend's: for
+    ModelConfig.kv_position_major."""
+    return request.param

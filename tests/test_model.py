@@ -105,8 +105,9 @@ def test_param_count_matches_published(name, published):
 def test_backend_tuning_fills_only_the_speed_settings_left_unset():
     """None means the backend's choice (lima_jax.backend); explicit values are overrides that stay."""
     assert GQA.for_platform("cpu").transposed_wgrad is True and GQA.for_platform("tpu").transposed_wgrad is False
+    assert GQA.for_platform("cpu").kv_position_major is False and GQA.for_platform("tpu").kv_position_major is True
     assert GQA.for_platform("cuda") == GQA.for_platform("gpu")
-    explicit = ModelConfig(**{**GQA.__dict__, "transposed_wgrad": False, "causal_blocks": 2})
+    explicit = ModelConfig(**{**GQA.__dict__, "transposed_wgrad": False, "causal_blocks": 2, "kv_position_major": True})
     assert explicit.for_platform("cpu") == explicit
     with pytest.raises(ValueError, match="no tuning"):
         GQA.for_platform("metal")

@@ -45,11 +45,13 @@ def run(decoder, waves) -> list[list[int]]:
     return [answers[i] for i in range(index)]
 
 
-def test_prefix_cache_gives_the_same_tokens_and_feeds_fewer():
-    hf = hf_model(CFG, seed=1)
-    model = sampler(CFG, hf_params(hf, CFG))
+def test_prefix_cache_gives_the_same_tokens_and_feeds_fewer(kv_position_major):
+    """In both KV cache layouts: the pool's pages are the slots' layout (model.kv_cache.Layout)."""
+    cfg = dataclasses.replace(CFG, kv_position_major=kv_position_major)
+    hf = hf_model(cfg, seed=1)
+    model = sampler(cfg, hf_params(hf, cfg))
     waves = requests()
-    plain, cached = model.decoder(4), model.decoder(4, prefix_cache_bytes=64 * block_bytes(CFG))
+    plain, cached = model.decoder(4), model.decoder(4, prefix_cache_bytes=64 * block_bytes(cfg))
     expected, got = run(plain, waves), run(cached, waves)
     assert got == expected
     flat = [r for wave in waves for r in wave]

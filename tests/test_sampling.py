@@ -15,10 +15,11 @@ import transformers
 
 from lima_jax.model import bind, param_logical_axes
 from lima_jax.sampling import SamplingSettings, decoding
+from lima_jax.sampling.decode import TOP_LOGPROBS, Request, init_slots
 from lima_jax.sampling.decoding import RowSettings, next_tokens, process, repetition_penalty, temperature
 from lima_jax.sampling.sampler import Sampler
 from lima_jax.sharding import make_mesh, named_shardings
-from tests.references import MODEL_GQA as GQA, MODEL_MHA as MHA, hf_model as hf_model_small_init, hf_params
+from tests.references import MODEL_GQA as GQA, MODEL_MHA as MHA, hf_logits, hf_model as hf_model_small_init, hf_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -94,6 +95,44 @@ def test_greedy_with_cache_equals_recomputation_and_transformers(cfg):
     for row, prompt in enumerate(prompts):
         assert outs[row]["ids"] == greedy_by_recomputation(cfg, params, prompt, NEW), f"row {row}"
         assert outs[row]["ids"] == hf_greedy(hf, prompt, NEW), f"row {row}"
+
+
+def test_decode_in_either_cache_layout_equals_transformers(kv_position_major):
+    """Both KV cache layouts (this backend runs one; model.kv_cache.Layout), two slots for four
+    prompts: the decode step's tokens are transformers' greedy ones, and its log-probabilities
+    (the token's and the top TOP_LOGPROBS) are the log-softmax of transformers' logits."""
+    cfg = dataclasses.replace(GQA, kv_position_major=kv_position_major)
+    hf = hf_model(cfg, seed=1)
+    prompts = prompts_for(cfg)
+    decoder = sampler(cfg, hf_params(hf, cfg)).decoder(2)
+    waiting, got = list(enumerate(prompts)), {}  # row -> [(token, logprob, top logprobs)]
+    while waiting or decoder.active:
+        admitted, waiting = waiting[:len(decoder.free)], waiting[len(decoder.free):]
+        decoder.admit([(row, Request(tuple(p), NEW, greedy=True, repetition_penalty=1.0)) for row, p in admitted])
+        out, events = decoder.step()
+        for slot, row, token, _ in events:
+            got.setdefault(row, []).append((token, out["logprob"][slot], out["top_logprobs"][slot]))
+    for row, prompt in enumerate(prompts):
+        answer = [token for token, _, _ in got[row]]
+        assert answer == hf_greedy(hf, prompt, NEW), f"row {row}"
+        logits = torch.tensor(hf_logits(hf, [prompt + answer])[0, len(prompt) - 1:-1])  # the answer's steps
+        expected = torch.log_softmax(logits, -1).numpy()
+        np.testing.assert_allclose([lp for _, lp, _ in got[row]], expected[np.arange(NEW), answer], atol=1e-4)
+        np.testing.assert_allclose(np.stack([top for _, _, top in got[row]]),
+                                   -np.sort(-expected, axis=-1)[:, :TOP_LOGPROBS], atol=1e-4)
+
+
+def test_cache_layout_is_the_traced_for_platforms():
+    """aot_check traces a TPU decode step on a CPU host: its cache is TPU's position-major one,
+    this host's head-major (an abstract TPU mesh, as test_model's tuning test)."""
+    slots = jax.device_count()  # the cache's rows shard over fsdp
+    with jax.set_mesh(jax.make_mesh((slots,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))):
+        here = jax.sharding.get_abstract_mesh()
+        assert jax.eval_shape(init_slots, GQA, slots, 16)["cache"]["k"].shape == (2, slots, 2, 16, 16)  # [L, B, KV, T, D]
+    tpu = type(here.abstract_device)(device_kind="TPU v4", num_cores=2, platform="tpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(here.axis_sizes, here.axis_names, here.axis_types,
+                                                                  abstract_device=tpu)):
+        assert jax.eval_shape(init_slots, GQA, slots, 16)["cache"]["k"].shape == (2, slots, 16, 2, 16)  # [L, B, T, KV, D]
 
 
 def test_greedy_repetition_penalty_on_prompt_equals_transformers():

@@ -3,11 +3,11 @@
 The ml-collections config (`config.model`) is the user-facing form; the model code takes this
 hashable, typed copy so it can be a static argument of `jax.jit` and a cache key.
 
-Two fields only change speed, and their best values depend on the backend: `transposed_wgrad`
-and `causal_blocks`. None (the default) means the backend's choice (lima_jax.backend), read
-when the model is traced, for the platform of the mesh it is traced under (else the running
-backend); True/False or a number is an explicit override. `cfg.for_platform("tpu")` fills
-them for a named platform.
+Three fields only change speed, and their best values depend on the backend: `transposed_wgrad`,
+`causal_blocks` and `kv_position_major`. None (the default) means the backend's choice
+(lima_jax.backend), read when the model is traced, for the platform of the mesh it is traced
+under (else the running backend); True/False or a number is an explicit override.
+`cfg.for_platform("tpu")` fills them for a named platform.
 """
 
 import dataclasses
@@ -25,7 +25,7 @@ ROPE_SCALING_KEYS = ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_h
                      "rope_original_max_len")
 FAMILY_KEYS = ("head_dim", "tied_embeddings", "qkv_bias", "qk_norm", *ROPE_SCALING_KEYS)  # off for LLaMA
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-BACKEND_TUNED = ("transposed_wgrad", "causal_blocks")  # None in the config: lima_jax.backend chooses
+BACKEND_TUNED = ("transposed_wgrad", "causal_blocks", "kv_position_major")  # None in the config: lima_jax.backend chooses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,7 @@ class ModelConfig:
     logits_chunks: int = 4  # hidden states are cut in this many pieces for the loss
     transposed_wgrad: bool | None = None  # weight gradients read a transposed copy (model/dense.py); None: backend's
     causal_blocks: int | None = None  # query blocks of causal xla attention (model/attention.py); None: backend's
+    kv_position_major: bool | None = None  # the KV cache's layout (model/kv_cache.py); None: backend's
     # Family switches (a family is these plus a conversion mapping; all off for LLaMA):
     head_dim: int | None = None  # None: dim / n_heads; Qwen3's small sizes set it explicitly
     tied_embeddings: bool = False  # the output head is the embedding's transpose (Qwen2.5 small, Llama 3.2)

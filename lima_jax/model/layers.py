@@ -89,7 +89,7 @@ class Attention(nnx.Module):
 
     Queries, keys and values are projected as flat matmuls (see `dense`) and then laid out
     head-major, [B, heads, S, head_dim], by one explicit transpose each: the attention einsums
-    then need no transposes (the KV cache is position-major: see lima_jax.model.kv_cache).
+    then need no transposes (the KV cache's layout is the backend's: see lima_jax.model.kv_cache).
     RoPE is applied before that transpose, while each head's pairs are contiguous in the
     projection's output."""
 

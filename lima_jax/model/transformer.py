@@ -21,7 +21,7 @@ from flax import nnx
 from lima_jax.model.attention import AttentionMask
 from lima_jax.model.config import ModelConfig
 from lima_jax.model.dense import dense
-from lima_jax.model.kv_cache import Cache, LayerCache, write_rows
+from lima_jax.model.kv_cache import Cache, LayerCache, Layout, write_rows
 from lima_jax.model.layers import MLP, Attention, RMSNorm, param, rope_tables
 from lima_jax.sharding import constrain
 
@@ -92,8 +92,9 @@ class Llama(nnx.Module):
         tokens, positions, segment_ids: [B, S] int32. Packed rows restart `positions` at 0 for
         each example and give each example its own segment id; id 0 marks padding. Tokens
         attend causally within their own segment only.
-        cache: None for training, else {"k", "v": [L, B, T, KV, D], "segment_ids": [B, T]}
-        with the S new tokens written at slot `cache_index` [B] of each row (see kv_cache).
+        cache: None for training, else {"k", "v": [L, B, T, KV, D] or [L, B, KV, T, D] (the
+        layout of kv_cache.Layout.of(cfg)), "segment_ids": [B, T]} with the S new tokens
+        written at slot `cache_index` [B] of each row (see kv_cache).
         dropout_key: None for eval (no dropout).
         """
         cfg = self.cfg
@@ -121,12 +122,13 @@ class Llama(nnx.Module):
         n = cfg.n_layers
         rates = cfg.residual_dropout * jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
         graphdef, stacked = nnx.split(self.layers)
+        layout = Layout.of(cfg)
 
         def layer(carry, xs):
             x, kv = carry
             params, rate, index = xs
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            cache = None if kv is None else LayerCache(*kv, layer=index, index=cache_index)
+            cache = None if kv is None else LayerCache(*kv, layer=index, index=cache_index, layout=layout)
             x, cache = nnx.merge(graphdef, params)(x, rope, mask, rate.astype(x.dtype), key, cache)
             return x, None if cache is None else (cache.k, cache.v)
 

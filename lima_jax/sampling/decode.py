@@ -3,9 +3,10 @@ prompt or a whole answers file), the chat, the server and aot_check all run it.
 
 A prompt is written into a free slot while other slots are mid-answer (`insert`), and one
 jitted step advances every slot by one token, each at its own position with its own settings
-(`decode_step`). The state (`init_slots`) holds, per slot b of B: the cache row ([L, B, T, KV,
-D]), the token to feed next and its position, how many tokens it has emitted, the tokens it
-has emitted (for the repetition penalty), its logit bias, PRNG key and decoding settings.
+(`decode_step`). The state (`init_slots`) holds, per slot b of B: its cache row (row b of
+[L, B, T, KV, D], or of [L, B, KV, T, D] on CPU: model.kv_cache.Layout), the token to feed
+next and its position, how many tokens it has emitted, the tokens it has emitted (for the
+repetition penalty), its logit bias, PRNG key and decoding settings.
 
 `insert` prefills up to M prompts at once (M a multiple of the mesh's batch shards; rows with
 slot = B are filler and write nothing). A prompt of length P writes its first P - 1 tokens at
@@ -34,29 +35,31 @@ from jax.sharding import Mesh
 
 from lima_jax.model import ModelConfig, bind
 from lima_jax.model.counting import prefill_flops
+from lima_jax.model.kv_cache import Layout
 from lima_jax.sampling.decoding import LIMA, RowSettings, SamplingSettings, next_tokens
 from lima_jax.sharding import constrain, logical_to_spec
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
 TOP_LOGPROBS = 20  # OpenAI's largest top_logprobs
 DEFAULT_SLOTS = 16  # serve.py's --slots, and so aot_check's decode step
 PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: one prefill compilation per bucket
 
 
-def cache_logical_axes() -> dict:
-    return {"k": CACHE_AXES, "v": CACHE_AXES, "segment_ids": ("cache_batch", "cache_length")}
+def cache_logical_axes(cfg: ModelConfig) -> dict:
+    """The cache's logical axis names, in the layout of the program being traced (Layout.of)."""
+    kv = Layout.of(cfg).axes()
+    return {"k": kv, "v": kv, "segment_ids": ("cache_batch", "cache_length")}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """An empty cache (segment 0 everywhere: nothing attendable), constrained to the cache axes."""
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)  # position-major: see model.kv_cache
+    shape = Layout.of(cfg).shape(cfg, batch, length)
     dtype = dtype or cfg.compute_dtype
-    return constrain_cache({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                            "segment_ids": jnp.zeros((batch, length), jnp.int32)})
+    return constrain_cache(cfg, {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                                 "segment_ids": jnp.zeros((batch, length), jnp.int32)})
 
 
-def constrain_cache(cache: dict) -> dict:
-    axes = cache_logical_axes()
+def constrain_cache(cfg: ModelConfig, cache: dict) -> dict:
+    axes = cache_logical_axes(cfg)
     return {name: constrain(cache[name], *axes[name]) for name in axes}
 
 
@@ -102,14 +105,15 @@ def prefill_rows(cfg: ModelConfig, params: dict, state: dict, new: dict, feed: j
     _, fresh = bind(cfg, params).hidden(feed, positions, in_prompt, cache=row_cache, cache_index=start)
     cache, filled = state["cache"], row_cache["segment_ids"].shape[1]
     segments = jnp.zeros((rows, cache["segment_ids"].shape[1]), jnp.int32).at[:, :filled].set(fresh["segment_ids"])
-    cache = {"k": cache["k"].at[:, slot, :filled].set(fresh["k"], mode="drop"),
-             "v": cache["v"].at[:, slot, :filled].set(fresh["v"], mode="drop"),
+    into = Layout.of(cfg).at(slice(None), slot, slice(None, filled))  # every layer, the slots' first positions
+    cache = {"k": cache["k"].at[into].set(fresh["k"], mode="drop"),
+             "v": cache["v"].at[into].set(fresh["v"], mode="drop"),
              "segment_ids": cache["segment_ids"].at[slot].set(segments, mode="drop")}
     seen = jnp.zeros((rows, state["seen"].shape[1]), bool).at[jnp.arange(rows)[:, None], tokens].max(
         (columns < length[:, None]) & new["penalize"][:, None])
     put = lambda old, value: old.at[slot].set(value, mode="drop")  # noqa: E731
     last = tokens[jnp.arange(rows), length - 1]
-    return {"cache": constrain_cache(cache), "token": put(state["token"], last),
+    return {"cache": constrain_cache(cfg, cache), "token": put(state["token"], last),
             "position": put(state["position"], length - 1), "count": put(state["count"], 0),
             "seen": put(state["seen"], seen), "bias": put(state["bias"], new["bias"]),
             "key": put(state["key"], new["key"]),
@@ -128,7 +132,7 @@ def _advance(cfg: ModelConfig, params: dict, state: dict, active: jax.Array) -> 
     token = next_tokens(logits, state["seen"], state["bias"], keys, settings, jnp.any(active & ~settings.greedy))
     rows = jnp.arange(token.shape[0])
     last = cache["segment_ids"].shape[1] - 1
-    state = dict(state, cache=constrain_cache(cache), token=jnp.where(active, token, state["token"]),
+    state = dict(state, cache=constrain_cache(cfg, cache), token=jnp.where(active, token, state["token"]),
                  position=jnp.where(active, jnp.minimum(position + 1, last), position),
                  count=state["count"] + active, seen=state["seen"].at[rows, token].max(active))
     return state, logits, token

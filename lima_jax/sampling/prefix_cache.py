@@ -5,10 +5,10 @@ that start with the same tokens, so their prefill feeds only the rest.
   into blocks of BLOCK tokens. A full block is keyed by a hash of its tokens chained with its
   prefix's key, so one key stands for the whole prefix up to the block's end: equal keys, equal
   keys and values (a token's K and V depend on it and the tokens before it only).
-- **The pool** on the devices: {"k", "v": [L, N, BLOCK, KV, D]}, the slots' cache layout cut
-  into N pages of BLOCK positions. N is the memory budget (`--prefix_cache_mib`) over one
-  block's bytes; the host index (`PrefixCache`) maps keys to pages, least recently used
-  first out when the pool is full.
+- **The pool** on the devices: {"k", "v": [L, N, BLOCK, KV, D]} (or [L, N, KV, BLOCK, D]), the
+  slots' cache layout (model.kv_cache.Layout) cut into N pages of BLOCK positions. N is the
+  memory budget (`--prefix_cache_mib`) over one block's bytes; the host index (`PrefixCache`)
+  maps keys to pages, least recently used first out when the pool is full.
 - **A prefill with a cached prefix** (`insert_cached`): a row's longest run of cached blocks
   is gathered from the pool into its row cache at positions 0 .. p - 1, and only tokens p ..
   P - 1 are fed; they attend to the gathered prefix through the same over-cache mask as a
@@ -37,11 +37,11 @@ import numpy as np
 
 from lima_jax.errors import ConfigError
 from lima_jax.model import ModelConfig
+from lima_jax.model.kv_cache import Layout
 from lima_jax.sampling.decode import PROMPT_BUCKET, constrain_cache, insert, prefill_rows
 from lima_jax.sharding import constrain
 
 BLOCK = 16  # tokens a block: the reuse granularity (a prompt's last partial block is always fed)
-POOL_AXES = ("cache_layers", None, None, "cache_kv_heads", "cache_head_dim")
 MiB = 1 << 20
 
 
@@ -50,22 +50,33 @@ def block_bytes(cfg: ModelConfig) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
 
 
+def pool_axes(layout: Layout) -> tuple:
+    """The pool's logical axis names: the cache's, with pages and their positions unsharded."""
+    return layout.axes(batch=None, length=None)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_pool(cfg: ModelConfig, num_blocks: int) -> dict:
-    shape = (cfg.n_layers, num_blocks, BLOCK, cfg.n_kv_heads, cfg.head_dim)
-    return {name: constrain(jnp.zeros(shape, cfg.compute_dtype), *POOL_AXES) for name in ("k", "v")}
+    layout = Layout.of(cfg)
+    shape = layout.shape(cfg, num_blocks, BLOCK)
+    return {name: constrain(jnp.zeros(shape, cfg.compute_dtype), *pool_axes(layout)) for name in ("k", "v")}
 
 
-def gather_prefix(pool: dict, blocks: jax.Array, start: jax.Array, width: int) -> dict:
+def gather_prefix(cfg: ModelConfig, pool: dict, blocks: jax.Array, start: jax.Array, width: int) -> dict:
     """A row cache of `width` positions holding blocks [M, nb] of the pool at 0 .. nb * BLOCK - 1,
     attendable (segment 1) up to each row's `start` [M]; the rest is the fed tokens' room."""
-    def rows(pages):  # [L, N, BLOCK, KV, D] -> [L, M, width, KV, D]
-        got = pages[:, blocks]  # [L, M, nb, BLOCK, KV, D]
-        n_layers, m, nb, block, kv, d = got.shape
-        return jnp.pad(got.reshape(n_layers, m, nb * block, kv, d), ((0, 0), (0, 0), (0, width - nb * block), (0, 0), (0, 0)))
+    layout = Layout.of(cfg)
+    m, nb = blocks.shape
+    time = layout.time_axis
+    padding = [(0, 0)] * 5
+    padding[time] = (0, width - nb * BLOCK)
+
+    def rows(pages):  # the pool's pages -> a cache of M rows, `width` positions
+        got = jnp.moveaxis(pages[:, blocks], 2, time)  # [L, M, nb, ...]: nb next to BLOCK, to merge
+        return jnp.pad(got.reshape(layout.shape(cfg, m, nb * BLOCK)), padding)
 
     segments = (jnp.arange(width)[None, :] < start[:, None]).astype(jnp.int32)
-    return constrain_cache({"k": rows(pool["k"]), "v": rows(pool["v"]), "segment_ids": segments})
+    return constrain_cache(cfg, {"k": rows(pool["k"]), "v": rows(pool["v"]), "segment_ids": segments})
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
@@ -75,20 +86,23 @@ def insert_cached(cfg: ModelConfig, params: dict, state: dict, pool: dict, new: 
     of each prompt, the rest of `new` is insert's (the whole prompt in "tokens", for the
     repetition penalty and the last token)."""
     width = new["blocks"].shape[1] * BLOCK + new["suffix"].shape[1]
-    row_cache = gather_prefix(pool, new["blocks"], new["start"], width)
+    row_cache = gather_prefix(cfg, pool, new["blocks"], new["start"], width)
     return prefill_rows(cfg, params, state, new, new["suffix"], new["start"], row_cache)
 
 
-@functools.partial(jax.jit, donate_argnames=("pool",))
-def store_blocks(pool: dict, cache: dict, slot: jax.Array, start: jax.Array, page: jax.Array) -> dict:
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("pool",))
+def store_blocks(cfg: ModelConfig, pool: dict, cache: dict, slot: jax.Array, start: jax.Array,
+                 page: jax.Array) -> dict:
     """Copy BLOCK positions from start[n] of slot slot[n]'s cache into page page[n] of the pool
     (page N: a filler row, dropped)."""
-    def take(c):  # [L, B, T, KV, D] -> [L, n, BLOCK, KV, D]
+    layout = Layout.of(cfg)
+
+    def take(c):  # the cache [L, B, ...] -> n pages [L, n, ...] of BLOCK positions
         one = lambda s, t: jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(c, s, 1, keepdims=False),  # noqa: E731
-                                                        t, BLOCK, axis=1)
+                                                        t, BLOCK, axis=layout.time_axis - 1)
         return jax.vmap(one, out_axes=1)(slot, start)
 
-    return {name: constrain(pool[name].at[:, page].set(take(cache[name]), mode="drop"), *POOL_AXES)
+    return {name: constrain(pool[name].at[:, page].set(take(cache[name]), mode="drop"), *pool_axes(layout))
             for name in ("k", "v")}
 
 
@@ -201,7 +215,7 @@ class PrefixCache:
             n = 1 << (len(copies) - 1).bit_length()  # a power of two: few shapes compile
             copies += [(0, 0, self.num_blocks)] * (n - len(copies))  # page N: dropped
             slot_ids, starts, pages = (np.asarray(c, np.int32) for c in zip(*copies))
-            self.pool = store_blocks(self.pool, state["cache"], slot_ids, starts, pages)
+            self.pool = store_blocks(cfg, self.pool, state["cache"], slot_ids, starts, pages)
         return state, fed, positions
 
     def stats(self) -> dict:
