@@ -126,7 +126,8 @@ BF16 = dict(dtype="bfloat16", attention="cudnn")
 TF32_SHARE_OF_BF16_PEAK = 0.5
 # Every child (both frameworks) asks glibc for transparent huge pages on its large allocations:
 # a step's temporaries are fresh mappings each step, touched in 4 KiB pages otherwise (550,000
-# page faults a lima_jax step; docs/benchmarks.md). Read by glibc at process start only.
+# page faults a lima_jax step; docs/benchmarks.md). Read by glibc at process start only; the
+# caller's own tunables are kept.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 LR, WD, CLIP, B1, B2, EPS = 1e-5, 0.1, 1.0, 0.9, 0.95, 1e-8
 
@@ -291,7 +292,8 @@ class Child:
         self.name, self.spec, self.times = name, spec, []
         # On a GPU every child allocates as it goes (no preallocation), so one's peak is its own.
         env = dict(os.environ, JAX_PLATFORMS="cuda" if args.platform == "gpu" else "cpu",
-                   XLA_PYTHON_CLIENT_PREALLOCATE="false", GLIBC_TUNABLES=HUGE_PAGES)
+                   XLA_PYTHON_CLIENT_PREALLOCATE="false",
+                   GLIBC_TUNABLES=":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES))))
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), data_dir,
                                       f"--warmup={args.warmup}", f"--inner={args.inner}"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
